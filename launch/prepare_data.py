@@ -1,0 +1,109 @@
+"""Preprocess CT scans (or synthetic phantoms) into TFRecord shards + manifest.
+
+Examples:
+  python launch/prepare_data.py --source=phantom --num_cases=16 \
+      --spacing=3,3,3 --output_dir=/data/phantom_shards
+  python launch/prepare_data.py --source=/data/ct/images --labels=/data/ct/labels \
+      --output_dir=/data/ct_shards --spacing=1.5,1.5,2 --hu_window=-1000,1000
+  # the same spec as an existing data set (e.g. fine-tuning data for a
+  # pre-trained model):
+  python launch/prepare_data.py --source=/data/ft --spec=/data/ct_shards/preprocess.json ...
+
+Exit status: 0 on success (or nothing to do); 1 when bad cases were found
+and --skip_bad was not given (nothing is written); 2 on invalid flags or a
+problem that stops the whole run.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import flagutil  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("source", None, "'phantom' for synthetic CT, or a folder of NIfTI files "
+                    "(.nii/.nii.gz) and/or DICOM series folders (one series per folder).")
+flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and preprocess.json go "
+                    "(local path or gs://).")
+flags.DEFINE_string("labels", None, "Folder of NIfTI label maps matched to images by case name.")
+flags.DEFINE_integer("num_cases", 8, "Number of phantom cases (--source=phantom only).", lower_bound=1)
+flags.DEFINE_string("phantom_shape", "128,128,128", "Array shape of each phantom (i,j,k); the "
+                    "physical field of view stays the same, so smaller shapes mean coarser voxels.")
+flags.DEFINE_string("spacing", "1.5,1.5,2.0", "Target voxel spacing in mm along R,A,S "
+                    "(X,Y,Z), or 'native' to keep each scan's spacing.")
+flags.DEFINE_string("hu_window", "-1000,1000", "HU clip window LO,HI applied before storing int16; "
+                    "training maps it to [0, 1].")
+flags.DEFINE_boolean("foreground_crop", False, "Crop each case to the body's bounding box "
+                     "(plus --foreground_margin_mm); labelled voxels are always kept.")
+flags.DEFINE_float("foreground_margin_mm", 10.0, "Margin around the body crop in mm.", lower_bound=0.0)
+flags.DEFINE_string("spec", None, "A preprocess.json to use as the preprocessing spec (e.g. from "
+                    "an existing data set); excludes --spacing/--hu_window/--foreground_crop.")
+flags.DEFINE_float("val_fraction", 0.2, "Fraction of patients held out for validation.",
+                   lower_bound=0.0, upper_bound=0.99)
+flags.DEFINE_integer("seed", 0, "Seed for phantom generation and the train/val split.")
+flags.DEFINE_boolean("skip_bad", False, "Write the good cases even when some inputs are bad "
+                     "(bad ones are listed in the manifest); exit status 0.")
+flags.DEFINE_integer("workers", 0, "Preprocessing processes; 0 = one per CPU core.", lower_bound=0)
+flags.DEFINE_integer("cases_per_shard", 16, "Cases per TFRecord shard.", lower_bound=1)
+flags.DEFINE_enum("compression", "none", ["none", "gzip"], "TFRecord compression; 'none' reads "
+                  "fastest, 'gzip' roughly halves the size of int16 CT.")
+flags.DEFINE_boolean("overwrite", False, "Replace an existing data set made with a different spec.")
+flags.DEFINE_boolean("dicom_all_series", False, "Make one case per series when a DICOM folder "
+                     "holds several (default: such a folder is a bad case).")
+flags.DEFINE_string("patient_table", None, "CSV with columns case_id,patient_id linking scans of "
+                    "one patient (patient-level split, MICLe pairs). Default: one patient per case.")
+flags.DEFINE_boolean("progress", True, "Show a progress line.")
+
+flags.mark_flags_as_required(["source", "output_dir"])
+flagutil.register_numbers_validator("spacing", 3, positive=True, allow=("native",))
+flagutil.register_numbers_validator("hu_window", 2)
+flagutil.register_numbers_validator("phantom_shape", 3, cast=int, positive=True)
+
+
+def build_spec():
+    from rr_tf.data.spec import PreprocessSpec
+
+    if FLAGS.spec:
+        clashing = [n for n in ("spacing", "hu_window", "foreground_crop", "foreground_margin_mm")
+                    if FLAGS[n].present]
+        if clashing:
+            raise ValueError(f"--spec excludes --{', --'.join(clashing)}")
+        try:
+            with open(FLAGS.spec) as f:
+                return PreprocessSpec.from_json(f.read())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--spec={FLAGS.spec}: cannot read ({err})")
+    spacing = None if FLAGS.spacing == "native" else flagutil.parse_numbers(FLAGS.spacing, 3)
+    return PreprocessSpec(spacing=spacing, hu_window=flagutil.parse_numbers(FLAGS.hu_window, 2),
+                          foreground_crop=FLAGS.foreground_crop,
+                          foreground_margin_mm=FLAGS.foreground_margin_mm)
+
+
+def main(argv):
+    if len(argv) > 1:
+        flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
+    from rr_tf.errors import RrTfError
+    from rr_tf.data.prepare import PrepareConfig, prepare
+
+    try:
+        config = PrepareConfig(
+            source=FLAGS.source, output_dir=FLAGS.output_dir, spec=build_spec(),
+            labels_dir=FLAGS.labels, num_cases=FLAGS.num_cases,
+            phantom_shape=flagutil.parse_numbers(FLAGS.phantom_shape, 3, int),
+            val_fraction=FLAGS.val_fraction, seed=FLAGS.seed, skip_bad=FLAGS.skip_bad,
+            workers=FLAGS.workers, cases_per_shard=FLAGS.cases_per_shard,
+            compression=FLAGS.compression, overwrite=FLAGS.overwrite,
+            dicom_all_series=FLAGS.dicom_all_series, patient_table=FLAGS.patient_table,
+            progress=FLAGS.progress)
+        result = prepare(config)
+    except (RrTfError, ValueError) as err:
+        flagutil.fail(__file__, str(err))
+    sys.exit(0 if result.ok else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,163 @@
+"""NIfTI-1/2 reading and writing (``.nii``, ``.nii.gz``) through nibabel.
+
+Reading applies ``scl_slope`` / ``scl_inter``, accepts any integer or float
+dtype and any (also oblique) affine, and keeps the header facts needed to
+write results back in the file's exact geometry.
+"""
+
+import gzip
+import os
+import zlib
+
+import numpy as np
+
+from rr_tf.errors import DataError
+from rr_tf.data.volume import Volume
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path):
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def case_name(path):
+    """File name without the NIfTI suffix: ``/a/case_01.nii.gz`` -> ``case_01``."""
+    base = os.path.basename(str(path).rstrip("/"))
+    for suffix in NIFTI_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _load_header(path):
+    import nibabel as nib
+
+    if not os.path.exists(path):
+        raise DataError(path, "file does not exist")
+    if os.path.getsize(path) == 0:
+        raise DataError(path, "empty file")
+    try:
+        img = nib.load(path)
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError,
+            zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})")
+    return img
+
+
+def _spatial_shape(path, shape):
+    """Accept 3D or 4D with a single trailing volume; reject the rest."""
+    if len(shape) == 3:
+        return tuple(shape)
+    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
+        return tuple(shape[:3])
+    if len(shape) < 3:
+        raise DataError(path, f"{len(shape)}D image of shape {tuple(shape)}; a 3D volume is required")
+    raise DataError(path, f"{len(shape)}D image of shape {tuple(shape)}; a single 3D volume is "
+                    "required (split 4D series first)")
+
+
+def peek_nifti(path):
+    """Header-only check: returns (spatial shape, affine). Cheap; no voxel read."""
+    img = _load_header(path)
+    shape = _spatial_shape(path, img.shape)
+    if min(shape) < 2:
+        raise DataError(path, f"image of shape {shape} is not a 3D volume (an axis has size < 2)")
+    return shape, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_nifti(path, kind="image"):
+    """Reads a NIfTI file into a :class:`Volume`.
+
+    Args:
+      path: ``.nii`` or ``.nii.gz`` file.
+      kind: ``"image"`` (float32 after scaling; NaN/Inf rejected) or
+        ``"label"`` (integer array; must hold non-negative whole numbers).
+
+    Raises:
+      DataError: naming the file and the reason.
+    """
+    path = str(path)
+    img = _load_header(path)
+    shape = _spatial_shape(path, img.shape)
+    if min(shape) < 2:
+        raise DataError(path, f"image of shape {shape} is not a 3D volume (an axis has size < 2)")
+    header = img.header
+    try:
+        if kind == "image":
+            data = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/inter
+        else:
+            data = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(path, f"truncated or corrupt voxel data ({type(err).__name__}: {err})")
+    data = data.reshape(shape)
+    if kind == "image":
+        bad = np.count_nonzero(~np.isfinite(data))
+        if bad:
+            raise DataError(path, f"{bad} NaN/Inf voxels")
+    elif kind == "label":
+        data = _as_label_array(path, data)
+    else:
+        raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+    qform_code = int(header["qform_code"]) if "qform_code" in header else 0
+    sform_code = int(header["sform_code"]) if "sform_code" in header else 0
+    meta = {
+        "orig_dtype": str(header.get_data_dtype()),
+        "qform_code": qform_code,
+        "sform_code": sform_code,
+        "xyzt_units": list(header.get_xyzt_units()),
+    }
+    # nibabel moves scl_slope/inter from the header into the array proxy on load
+    slope = getattr(img.dataobj, "slope", None)
+    inter = getattr(img.dataobj, "inter", None)
+    if slope is not None and np.isfinite(slope) and (slope != 1 or (inter or 0) != 0):
+        meta["scl_slope"] = float(slope)
+        meta["scl_inter"] = float(inter if inter is not None and np.isfinite(inter) else 0.0)
+    return Volume(array=data, affine=np.asarray(img.affine, dtype=np.float64), source=path, meta=meta)
+
+
+def _as_label_array(path, data):
+    """Label maps must hold non-negative whole numbers that fit uint8."""
+    if np.issubdtype(data.dtype, np.floating):
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise DataError(path, f"label map has {np.count_nonzero(~finite)} NaN/Inf voxels")
+        if not np.array_equal(data, np.rint(data)):
+            raise DataError(path, "label map holds non-integer values "
+                            f"(e.g. {float(data[data != np.rint(data)].flat[0])})")
+    elif not np.issubdtype(data.dtype, np.integer) and data.dtype != bool:
+        raise DataError(path, f"label map has unsupported dtype {data.dtype}")
+    lo, hi = (data.min(), data.max()) if data.size else (0, 0)
+    if lo < 0:
+        raise DataError(path, f"label map holds negative values (min {lo:g})")
+    if hi > 255:
+        raise DataError(path, f"label value {hi:g} exceeds 255 (labels are stored as uint8)")
+    return data.astype(np.uint8)
+
+
+def write_nifti(path, array, affine, header_meta=None):
+    """Writes ``array`` with ``affine`` atomically (temporary name, then rename).
+
+    ``header_meta`` may carry ``qform_code`` / ``sform_code`` from
+    :func:`read_nifti` so the output declares the same coordinate system.
+    """
+    import nibabel as nib
+
+    path = str(path)
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    header_meta = header_meta or {}
+    img.set_qform(img.affine, code=int(header_meta.get("qform_code", 1) or 1))
+    img.set_sform(img.affine, code=int(header_meta.get("sform_code", 1) or 1))
+    img.header.set_xyzt_units("mm", "sec")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    tmp = tmp[: -len(suffix)] + suffix if not tmp.endswith(suffix) else tmp
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,374 @@
+"""Scans -> preprocessed TFRecord shards + manifest (the engine of
+``launch/prepare_data.py``).
+
+Guarantees:
+- bad cases are reported one line each (file and reason) and the others
+  still processed; unless ``skip_bad`` the run then fails and publishes
+  nothing (a data set silently missing cases is worse than no data set);
+- cheap header checks and the spec check against existing output run
+  before any heavy work;
+- output is published atomically: shards carry a generation tag derived
+  from the inputs, are renamed into place, and the manifest (written last,
+  atomically) switches to them; older generations are deleted afterwards.
+  A crash at any point leaves the previous data set intact;
+- re-running with unchanged inputs and settings does nothing.
+"""
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+
+import rr_tf
+from rr_tf.errors import ConfigError, DataError, SpecMismatchError
+from rr_tf.data import records, sources
+from rr_tf.data.preprocess import preprocess_case
+from rr_tf.data.spec import PreprocessSpec
+from rr_tf.utils.progress import Progress
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """Options of a data preparation run (see launch/prepare_data.py)."""
+
+    source: str
+    output_dir: str
+    spec: PreprocessSpec = dataclasses.field(default_factory=PreprocessSpec)
+    labels_dir: str | None = None
+    num_cases: int = 8
+    phantom_shape: tuple = (128, 128, 128)
+    val_fraction: float = 0.2
+    seed: int = 0
+    skip_bad: bool = False
+    workers: int = 0                # 0 = one per CPU core
+    cases_per_shard: int = 16
+    compression: str = "none"
+    overwrite: bool = False
+    dicom_all_series: bool = False
+    patient_table: str | None = None
+    progress: bool = True
+
+    def validate(self):
+        if not self.output_dir:
+            raise ConfigError("output_dir", "is required")
+        if self.source != sources.PHANTOM and not os.path.isdir(self.source):
+            raise ConfigError("source", f"{self.source!r} is neither 'phantom' nor an existing folder")
+        if self.source == sources.PHANTOM and self.num_cases < 1:
+            raise ConfigError("num_cases", f"must be >= 1, got {self.num_cases}")
+        if self.source == sources.PHANTOM and self.labels_dir:
+            raise ConfigError("labels", "phantoms carry their own labels; do not pass --labels")
+        if self.labels_dir and not os.path.isdir(self.labels_dir):
+            raise ConfigError("labels", f"{self.labels_dir!r} is not a folder")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.workers < 0:
+            raise ConfigError("workers", "must be >= 0 (0 = one per CPU core)")
+        if self.cases_per_shard < 1:
+            raise ConfigError("cases_per_shard", "must be >= 1")
+        if self.compression not in records.COMPRESSIONS:
+            raise ConfigError("compression", f"must be one of {tuple(records.COMPRESSIONS)}")
+        if len(self.phantom_shape) != 3 or min(self.phantom_shape) < 16:
+            raise ConfigError("phantom_shape", f"need three sizes >= 16, got {self.phantom_shape}")
+
+
+@dataclasses.dataclass
+class PrepareResult:
+    manifest: dict | None
+    bad: list            # [(source, reason)]
+    up_to_date: bool = False
+    published: bool = False
+
+    @property
+    def ok(self):
+        return self.published or self.up_to_date
+
+
+def assign_splits(patient_ids, val_fraction, seed):
+    """patient id -> "train"/"val": patients ranked by a seeded hash, the
+    first round(val_fraction * n) go to val (at least one when the fraction
+    is positive and there are two or more patients). Stable: adding patients
+    does not move the others across more than the boundary."""
+    unique = sorted(set(patient_ids))
+    n_val = int(round(val_fraction * len(unique)))
+    if val_fraction > 0 and len(unique) >= 2:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    key = lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()  # noqa: E731
+    ranked = sorted(unique, key=key)
+    val = set(ranked[:n_val])
+    return {p: ("val" if p in val else "train") for p in unique}
+
+
+def _fingerprint(config, tasks):
+    h = hashlib.sha256()
+    h.update(json.dumps([records.FORMAT_VERSION, config.spec.hash, config.val_fraction, config.seed,
+                         config.cases_per_shard, config.compression]).encode())
+    for t in tasks:
+        h.update(t.fingerprint().encode())
+    return h.hexdigest()
+
+
+def _process(task, spec):
+    """Worker: load + preprocess one case. Never raises for bad input."""
+    try:
+        image, label = sources.load_case(task)
+        case = preprocess_case(task.case_id, image, label, spec, patient_id=task.patient_id)
+        return "ok", case
+    except DataError as err:
+        return "bad", (err.path, err.reason)
+    except MemoryError:
+        return "bad", (task.source, "out of memory while preprocessing")
+    except Exception as err:  # an unforeseen defect in a file must not stop the others
+        return "bad", (task.source, f"unexpected {type(err).__name__}: {err}")
+
+
+def _worker_init():
+    # One BLAS/OpenMP thread per worker: the parallelism is across cases.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def _ordered_results(tasks, spec, workers):
+    """Yields (task, status, payload) in task order, at most 2*workers in flight."""
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            yield (t,) + _process(t, spec)
+        return
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that imported TF
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        pending = collections.deque()
+        it = iter(tasks)
+        for t in it:
+            pending.append((t, pool.submit(_process, t, spec)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            t, fut = pending.popleft()
+            yield (t,) + fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_process, nxt, spec)))
+
+
+class _SplitShards:
+    """Rolls shard writers of one split every ``cases_per_shard`` cases."""
+
+    def __init__(self, output_dir, split, generation, cases_per_shard, compression):
+        self.args = (output_dir, split, generation, cases_per_shard, compression)
+        self.done, self.current = [], None
+
+    def add(self, case):
+        output_dir, split, generation, per_shard, compression = self.args
+        if self.current is None:
+            name = f"{split}-{generation}-{len(self.done):05d}.tfrecord"
+            self.current = records.ShardWriter(output_dir, name, compression)
+        self.current.write(records.encode_case(case.image, case.label, case.meta["spacing"],
+                                               case.case_id))
+        name, index = self.current.name, self.current.num_records - 1
+        if self.current.num_records >= per_shard:
+            self.finish()
+        return name, index
+
+    def finish(self):
+        if self.current is not None:
+            info = self.current.close()
+            info["split"] = self.args[1]
+            self.done.append((self.current, info))
+            self.current = None
+
+    def discard(self):
+        for writer, _ in self.done:
+            writer.discard()
+        if self.current is not None:
+            self.current.discard()
+
+
+def _existing_manifest(config, log):
+    gf = records.gfile()
+    if not gf.exists(records.manifest_path(config.output_dir)):
+        return None
+    try:
+        old = records.read_manifest(config.output_dir)
+    except (DataError, ConfigError) as err:
+        if not config.overwrite:
+            raise DataError(records.manifest_path(config.output_dir),
+                            f"existing manifest is unreadable ({err}); pass --overwrite to replace it")
+        log(f"warning: replacing unreadable manifest ({err})")
+        return None
+    if old["spec_hash"] != config.spec.hash and not config.overwrite:
+        raise SpecMismatchError(
+            config.output_dir,
+            f"already holds shards made with spec {old['spec_hash']} ({old['spec_obj'].describe()}); "
+            f"this run's spec is {config.spec.hash} ({config.spec.describe()}); use another "
+            "--output_dir or pass --overwrite")
+    return old
+
+
+def _is_current(old, fingerprint, output_dir):
+    if old is None or old.get("fingerprint") != fingerprint:
+        return False
+    try:
+        records.verify_shards(output_dir, old, checksum=False)
+    except DataError:
+        return False
+    return True
+
+
+def prepare(config, log=None):
+    """Runs a preparation; returns :class:`PrepareResult`.
+
+    Raises ConfigError / DataError for problems that stop the whole run
+    (bad options, missing source, spec mismatch with existing output).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    config.validate()
+    gf = records.gfile()
+    if config.source == sources.PHANTOM:
+        tasks, problems, notes = sources.phantom_tasks(config.num_cases, config.seed,
+                                                       config.phantom_shape), [], []
+    else:
+        tasks, problems, notes = sources.discover(config.source, config.labels_dir,
+                                                  config.patient_table, config.dicom_all_series)
+    for note in notes:
+        log(f"note: {note}")
+    if not tasks and not problems:
+        raise DataError(config.source, "no NIfTI files or DICOM series folders found")
+
+    gf.makedirs(config.output_dir)
+    _remove_stale_temporaries(config.output_dir)
+    old = _existing_manifest(config, log)
+    fingerprint = _fingerprint(config, tasks)
+    if not problems and _is_current(old, fingerprint, config.output_dir):
+        log(f"{config.output_dir}: up to date ({len(old['cases'])} cases, spec {old['spec_hash']}); "
+            "nothing to do")
+        return PrepareResult(manifest=old, bad=[], up_to_date=True)
+
+    bad = [(p.path, p.reason) for p in problems]
+    good_tasks = []
+    for task in tasks:  # header-only checks before heavy work
+        try:
+            sources.preflight(task)
+            good_tasks.append(task)
+        except DataError as err:
+            bad.append((err.path, err.reason))
+    for path, reason in bad:
+        log(f"bad input: {path}: {reason}")
+
+    splits = assign_splits([t.patient_id or t.case_id for t in tasks], config.val_fraction, config.seed)
+    generation = fingerprint[:8]
+    writers = {s: _SplitShards(config.output_dir, s, generation, config.cases_per_shard,
+                               config.compression) for s in ("train", "val")}
+    workers = config.workers or os.cpu_count() or 1
+    log(f"preparing {len(good_tasks)} case(s) with {min(workers, max(len(good_tasks), 1))} "
+        f"worker(s); {config.spec.describe()}")
+    cases_meta = []
+    progress = Progress(len(good_tasks), "cases", enabled=config.progress)
+    try:
+        for task, status, payload in _ordered_results(good_tasks, config.spec, workers):
+            progress.update()
+            if status == "bad":
+                bad.append(payload)
+                log(f"bad input: {payload[0]}: {payload[1]}")
+                continue
+            split = splits[task.patient_id or task.case_id]
+            shard, index = writers[split].add(payload)
+            meta = dict(payload.meta, split=split, shard=shard, index_in_shard=index,
+                        source_kind=task.kind)
+            if task.seed is not None:
+                meta["phantom_seed"] = task.seed
+            cases_meta.append(meta)
+        progress.close()
+        for w in writers.values():
+            w.finish()
+        if bad and not config.skip_bad:
+            raise _Abort()
+        if not cases_meta:
+            raise DataError(config.source, "no case could be prepared")
+        shard_infos = []
+        for w in writers.values():
+            for writer, info in w.done:
+                writer.publish()
+                shard_infos.append(info)
+    except _Abort:
+        for w in writers.values():
+            w.discard()
+        _summary(log, len(cases_meta), bad, published=False)
+        return PrepareResult(manifest=None, bad=bad)
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+
+    manifest = {
+        "format": records.FORMAT_NAME,
+        "format_version": records.FORMAT_VERSION,
+        "rr_tf_version": rr_tf.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint,
+        "spec": config.spec.to_dict(),
+        "spec_hash": config.spec.hash,
+        "source": {"source": config.source, "labels_dir": config.labels_dir,
+                   "num_cases": config.num_cases if config.source == sources.PHANTOM else None,
+                   "phantom_shape": list(config.phantom_shape) if config.source == sources.PHANTOM else None,
+                   "patient_table": config.patient_table},
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "compression": config.compression,
+        "splits": {s: sum(1 for c in cases_meta if c["split"] == s) for s in ("train", "val")},
+        "shards": shard_infos,
+        "cases": cases_meta,
+        "bad_cases": [{"source": p, "reason": r} for p, r in bad],
+    }
+    records.atomic_write_text(os.path.join(config.output_dir, "preprocess.json"),
+                              config.spec.to_json() + "\n")
+    records.write_manifest(config.output_dir, manifest)
+    if old is not None:  # drop the previous generation's shards
+        keep = {s["name"] for s in shard_infos}
+        for s in old["shards"]:
+            path = os.path.join(config.output_dir, s["name"])
+            if s["name"] not in keep and gf.exists(path):
+                gf.remove(path)
+    _summary(log, len(cases_meta), bad, published=True)
+    return PrepareResult(manifest=manifest, bad=bad, published=True)
+
+
+def _remove_stale_temporaries(output_dir):
+    """Deletes ``.*.tmp-PID`` files left by a killed run (local folders only)."""
+    if "://" in str(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if not name.startswith(".") or ".tmp-" not in name:
+            continue
+        pid = name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(output_dir, name))
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Abort(Exception):
+    """Internal: bad cases without skip_bad; nothing is published."""
+
+
+def _summary(log, n_ok, bad, published):
+    if published:
+        log(f"done: {n_ok} case(s) written" + (f", {len(bad)} bad case(s) skipped" if bad else ""))
+    else:
+        log(f"FAILED: {len(bad)} bad case(s), {n_ok} good; nothing was written. "
+            "Fix or remove the files above, or pass --skip_bad to write the good cases.")
+    for path, reason in bad:
+        log(f"  - {path}: {reason}")
