@@ -208,3 +208,15 @@ def test_split_is_by_patient_and_seeded(tmp_path):
     splits = {c["case_id"]: (c["patient_id"], c["split"]) for c in res.manifest["cases"]}
     assert splits["case_a"][1] == splits["case_b"][1] != splits["case_c"][1]
     assert splits["case_a"][0] == "P1"
+
+
+def test_non_local_output_dir_through_gfile(tmp_path):
+    """gs:// goes through tf.io.gfile; TF's in-memory ram:// stands in for it."""
+    img_dir, lab_dir, _ = _make_folder(tmp_path)
+    out = f"ram://bucket-{os.getpid()}/shards"
+    assert prepare(_config(img_dir, out, lab_dir)).published
+    manifest = records.read_manifest(out)
+    records.verify_shards(out, manifest)
+    assert sorted(c["case_id"] for c in records.iterate_cases(out)) == sorted(CASES)
+    assert prepare(_config(img_dir, out, lab_dir)).up_to_date
+    assert not [n for n in records.gfile().listdir(out) if ".tmp-" in n]
