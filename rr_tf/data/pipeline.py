@@ -1,0 +1,158 @@
+"""tf.data streams from a shard manifest: cases -> views -> batches.
+
+    stream = view_dataset(data_dir, "train", view_fn, StreamConfig(batch_size=4))
+
+Reading: shard files (checked against the manifest first: size, or sha256
+with ``verify="sha256"``) are shuffled with the seed, read interleaved,
+records shuffled in a bounded buffer, decoded, scaled to [0, 1] with the
+data set's preprocessing spec. Views: ``view_fn(image, seed)`` (or
+``view_fn(image, label, seed)`` for labelled streams) is called
+``crops_per_volume`` times per decoded volume with independent stateless
+seeds, so one volume read feeds several crops; crops are shuffled, batched
+(fixed batch size) and prefetched. The stream is deterministic under
+``StreamConfig.seed`` (ordered parallel map). Under tf.distribute, pass the
+``tf.distribute.InputContext`` to shard by file; otherwise tf.data's AUTO
+policy shards by file (falling back to data).
+"""
+
+import dataclasses
+import sys
+
+import tensorflow as tf
+
+from rr_tf.errors import ConfigError, DataError
+from rr_tf.data import records
+
+AUTOTUNE = tf.data.AUTOTUNE
+_VERIFY = ("none", "size", "sha256")
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    """Buffers and parallelism of a view stream (defaults fit in < 2 GB)."""
+
+    batch_size: int = 2
+    crops_per_volume: int = 4
+    shuffle_cases: int = 8          # serialized volumes held for shuffling
+    shuffle_crops: int = 64         # crops held for shuffling
+    cycle_length: int = 2           # shards read at once
+    parallel_calls: int = AUTOTUNE
+    prefetch: int = 2
+    verify: str = "size"            # none | size | sha256
+    skip_corrupt: bool = False      # drop (with a warning) shards failing verification
+    repeat: bool = True
+    seed: int = 0
+    deterministic: bool = True
+
+    def validate(self):
+        for name in ("batch_size", "crops_per_volume", "cycle_length", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("shuffle_cases", "shuffle_crops"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0")
+        if self.verify not in _VERIFY:
+            raise ConfigError("verify", f"must be one of {_VERIFY}, got {self.verify!r}")
+
+
+def shard_files(data_dir, split, config, log=None):
+    """(manifest, [shard paths]) after checking each shard against the manifest."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    manifest = records.read_manifest(data_dir)
+    if split not in (None, "train", "val"):
+        raise ConfigError("split", f"must be 'train', 'val' or None, got {split!r}")
+    shards = [s for s in manifest["shards"] if split is None or s["split"] == split]
+    if not shards:
+        raise DataError(data_dir, f"the manifest lists no {split or ''} shards")
+    files = []
+    for shard in shards:
+        one = dict(manifest, shards=[shard])
+        try:
+            if config.verify != "none":
+                records.verify_shards(data_dir, one, checksum=config.verify == "sha256")
+        except DataError as err:
+            if not config.skip_corrupt:
+                raise
+            log(f"warning: skipping {err}")
+            continue
+        files.append(records.shard_paths(data_dir, one)[0])
+    if not files:
+        raise DataError(data_dir, f"no usable {split or ''} shard left after verification")
+    return manifest, files
+
+
+def scale_image(image, spec):
+    """Stored int16 HU -> float32 network input per ``spec`` ([D,H,W,1])."""
+    x = tf.cast(image, tf.float32)
+    if spec.scaling == "unit":
+        lo, hi = spec.hu_window
+        x = (tf.clip_by_value(x, lo, hi) - lo) / (hi - lo)
+    return x[..., None]
+
+
+def case_dataset(data_dir, split, config, input_context=None, log=None):
+    """Decoded cases (dicts: case_id, image float32 [D,H,W,1] scaled, label
+    uint8 [D,H,W], has_label, spacing), shuffled and repeated per config."""
+    config.validate()
+    manifest, files = shard_files(data_dir, split, config, log)
+    spec = manifest["spec_obj"]
+    compression = records.COMPRESSIONS[manifest.get("compression", "none")]
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        if len(files) < input_context.num_input_pipelines:
+            raise DataError(data_dir, f"{len(files)} shard(s) cannot feed "
+                            f"{input_context.num_input_pipelines} input pipelines; prepare the data "
+                            "with a smaller --cases_per_shard")
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if config.repeat:
+        ds = ds.repeat()
+    if len(files) > 1:
+        ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+                       cycle_length=min(config.cycle_length, len(files)),
+                       num_parallel_calls=min(config.cycle_length, len(files)),
+                       deterministic=config.deterministic)
+    if config.shuffle_cases > 1:
+        ds = ds.shuffle(config.shuffle_cases, seed=config.seed + 1, reshuffle_each_iteration=True)
+
+    def decode(raw):
+        case = records.decode_case(raw)
+        case["image"] = scale_image(case["image"], spec)
+        return case
+
+    ds = ds.map(decode, num_parallel_calls=config.parallel_calls, deterministic=config.deterministic)
+    options = tf.data.Options()
+    options.deterministic = config.deterministic
+    return ds.with_options(options), manifest
+
+
+def view_dataset(data_dir, split, view_fn, config, labelled=False, input_context=None, log=None):
+    """Batched views. ``view_fn(image, seed)`` (or ``(image, label, seed)`` when
+    ``labelled``) returns a dict of tensors with static shapes; it is applied
+    ``crops_per_volume`` times per volume; each element also carries its
+    ``case_id``. Returns (dataset, manifest)."""
+    cases, manifest = case_dataset(data_dir, split, config, input_context, log)
+    if labelled:
+        cases = cases.filter(lambda c: c["has_label"])
+    seeds = tf.data.Dataset.random(seed=config.seed + 2).batch(2)
+    k = config.crops_per_volume
+
+    def per_case(case, seed):
+        crop_seeds = tf.random.experimental.stateless_split(seed, k)
+        outs = []
+        for i in range(k):
+            if labelled:
+                outs.append(view_fn(case["image"], case["label"], crop_seeds[i]))
+            else:
+                outs.append(view_fn(case["image"], crop_seeds[i]))
+        out = tf.nest.map_structure(lambda *t: tf.stack(t), *outs)
+        out["case_id"] = tf.fill([k], case["case_id"])
+        return out
+
+    ds = tf.data.Dataset.zip((cases, seeds))
+    ds = ds.map(per_case, num_parallel_calls=config.parallel_calls, deterministic=config.deterministic)
+    ds = ds.unbatch()
+    if config.shuffle_crops > 1:
+        ds = ds.shuffle(config.shuffle_crops, seed=config.seed + 3, reshuffle_each_iteration=True)
+    ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(config.prefetch)
+    return ds, manifest
