@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from rr_tf.errors import DataError
 from rr_tf.data import records, recipes
-from rr_tf.data.pipeline import StreamConfig, case_dataset, view_dataset
+from rr_tf.data.pipeline import StreamConfig, case_dataset, pair_view_dataset, view_dataset
 from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.spec import PreprocessSpec
 from nifti_factory import write
@@ -106,3 +106,35 @@ def test_input_context_shards_by_file(shards):
         ds, _ = case_dataset(out, "train", StreamConfig(repeat=False), input_context=ctx)
         seen.append({c["case_id"].numpy().decode() for c in ds})
     assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 6
+
+
+def test_patient_pairs_use_two_scans_of_one_patient(tmp_path):
+    """3 patients: P0 with 3 scans, P1 with 2, P2 with 1 (paired with itself)."""
+    src = tmp_path / "img"
+    src.mkdir()
+    table = ["case_id,patient_id"]
+    patient_of = {}
+    rng = np.random.default_rng(1)
+    for i, pid in enumerate(["P0", "P0", "P1", "P2", "P0", "P1"]):
+        cid = f"s{i}"
+        write(src / f"{cid}.nii.gz", rng.integers(-900, 900, (20 + i, 18, 12)).astype(np.int16),
+              np.eye(4), dtype=np.int16)
+        table.append(f"{cid},{pid}")
+        patient_of[cid] = pid
+    (tmp_path / "p.csv").write_text("\n".join(table) + "\n")
+    out = tmp_path / "shards"
+    prepare(PrepareConfig(source=str(src), output_dir=str(out), patient_table=str(tmp_path / "p.csv"),
+                          spec=PreprocessSpec(spacing=None), workers=1, progress=False,
+                          cases_per_shard=1, val_fraction=0.0), log=lambda m: None)
+    manifest = records.read_manifest(out)
+    shard_of = {c["case_id"]: c["shard"] for c in manifest["cases"]}
+    assert shard_of["s0"] == shard_of["s1"] == shard_of["s4"]  # a patient is never split
+    cfg = StreamConfig(batch_size=4, crops_per_volume=1, seed=3)
+    ds, _ = pair_view_dataset(out, "train", recipes.patient_pair((8, 8, 8)), cfg)
+    pairs = []
+    for b in ds.take(12):
+        pairs += [(a.decode(), c.decode()) for a, c in zip(b["case_id_a"].numpy(), b["case_id_b"].numpy())]
+        assert b["view1"].shape == (4, 8, 8, 8, 1)
+    assert all(patient_of[a] == patient_of[b] for a, b in pairs), pairs
+    assert all(a != b for a, b in pairs if patient_of[a] != "P2"), pairs
+    assert ("s3", "s3") in pairs and any(patient_of[a] == "P0" for a, _ in pairs)

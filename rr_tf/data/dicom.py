@@ -149,6 +149,30 @@ def list_series(directory):
     return {uid: [p for p, _ in items] for uid, items in _scan(directory).items()}
 
 
+def first_patient_id(directory):
+    """PatientID of the first DICOM image header in ``directory`` (or None).
+
+    Header-only and cheap; used to split and pair cases by patient before
+    any pixel data is read.
+    """
+    try:
+        pydicom = _pydicom()
+        paths = _candidate_files(directory)
+    except (ImportError, DataError, OSError):
+        return None
+    for path in paths:
+        if not _has_dicm_preamble(path):
+            continue
+        try:
+            ds, is_image = _read_header(pydicom, path)
+        except DataError:
+            continue
+        if is_image:
+            pid = str(ds.get("PatientID", "") or "").strip()
+            return pid or None
+    return None
+
+
 def is_dicom_dir(directory):
     """True if ``directory`` (not recursive) holds at least one DICOM image file.
 

@@ -15,6 +15,7 @@ seeds, so one volume read feeds several crops; crops are shuffled, batched
 policy shards by file (falling back to data).
 """
 
+import collections
 import dataclasses
 import sys
 
@@ -104,10 +105,10 @@ def case_dataset(data_dir, split, config, input_context=None, log=None):
                             f"{input_context.num_input_pipelines} input pipelines; prepare the data "
                             "with a smaller --cases_per_shard")
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if len(files) > 1:  # a new file order every epoch, epochs kept apart
+        ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
     if config.repeat:
         ds = ds.repeat()
-    if len(files) > 1:
-        ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
     ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
                        cycle_length=min(config.cycle_length, len(files)),
                        num_parallel_calls=min(config.cycle_length, len(files)),
@@ -134,25 +135,68 @@ def view_dataset(data_dir, split, view_fn, config, labelled=False, input_context
     cases, manifest = case_dataset(data_dir, split, config, input_context, log)
     if labelled:
         cases = cases.filter(lambda c: c["has_label"])
+        call = lambda c, s: view_fn(c["image"], c["label"], s)  # noqa: E731
+    else:
+        call = lambda c, s: view_fn(c["image"], s)  # noqa: E731
+    return _crops(cases, call, lambda c: c["case_id"], config), manifest
+
+
+def pair_view_dataset(data_dir, split, pair_fn, config, input_context=None, log=None):
+    """MICLe-style pairs: ``pair_fn(image_a, image_b, seed)`` gets two
+    *different* scans of one patient when the manifest links several scans
+    to that patient, else the same scan twice. Elements carry
+    ``case_id_a`` / ``case_id_b``. Returns (dataset, manifest).
+
+    Relies on prepare() keeping a patient's scans adjacent in one shard and
+    reads shards one at a time, so grouping holds at most one scan waiting
+    for a partner.
+    """
+    # sequential shard reading: a patient's scans arrive back to back and a
+    # shard is never read twice at once (which would pair a scan with itself)
+    no_shuffle = dataclasses.replace(config, shuffle_cases=0, cycle_length=1)
+    cases, manifest = case_dataset(data_dir, split, no_shuffle, input_context, log)
+    in_split = [c for c in manifest["cases"] if split is None or c["split"] == split]
+    patients = sorted({c["patient_id"] for c in in_split})
+    index = {p: i for i, p in enumerate(patients)}
+    count = collections.Counter(c["patient_id"] for c in in_split)
+    n = len(patients)
+    # key < n: a patient with several scans (windows of 2); key >= n: a lone scan
+    keys = [index[c["patient_id"]] + (0 if count[c["patient_id"]] > 1 else n) for c in in_split]
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer([c["case_id"] for c in in_split],
+                                            tf.constant(keys, tf.int64)), default_value=-1)
+
+    def pair_up(key, window):
+        second = window.skip(tf.where(key < n, tf.constant(1, tf.int64), 0)).take(1)
+        return tf.data.Dataset.zip((window.take(1), second))
+
+    pairs = cases.group_by_window(key_func=lambda c: table.lookup(c["case_id"]), reduce_func=pair_up,
+                                  window_size_func=lambda k: tf.where(k < n, tf.constant(2, tf.int64), 1))
+    call = lambda p, s: pair_fn(p[0]["image"], p[1]["image"], s)  # noqa: E731
+    ids = lambda p: (p[0]["case_id"], p[1]["case_id"])  # noqa: E731
+    return _crops(pairs, call, ids, config), manifest
+
+
+def _crops(items, call, ids_of, config):
+    """Calls ``call(item, seed)`` ``crops_per_volume`` times per item with
+    independent stateless seeds, then shuffles, batches and prefetches."""
     seeds = tf.data.Dataset.random(seed=config.seed + 2).batch(2)
     k = config.crops_per_volume
 
-    def per_case(case, seed):
+    def per_item(item, seed):
         crop_seeds = tf.random.experimental.stateless_split(seed, k)
-        outs = []
-        for i in range(k):
-            if labelled:
-                outs.append(view_fn(case["image"], case["label"], crop_seeds[i]))
-            else:
-                outs.append(view_fn(case["image"], crop_seeds[i]))
+        outs = [call(item, crop_seeds[i]) for i in range(k)]
         out = tf.nest.map_structure(lambda *t: tf.stack(t), *outs)
-        out["case_id"] = tf.fill([k], case["case_id"])
+        ids = ids_of(item)
+        if isinstance(ids, tuple):
+            out["case_id_a"], out["case_id_b"] = (tf.fill([k], i) for i in ids)
+        else:
+            out["case_id"] = tf.fill([k], ids)
         return out
 
-    ds = tf.data.Dataset.zip((cases, seeds))
-    ds = ds.map(per_case, num_parallel_calls=config.parallel_calls, deterministic=config.deterministic)
+    ds = tf.data.Dataset.zip((items, seeds))
+    ds = ds.map(per_item, num_parallel_calls=config.parallel_calls, deterministic=config.deterministic)
     ds = ds.unbatch()
     if config.shuffle_crops > 1:
         ds = ds.shuffle(config.shuffle_crops, seed=config.seed + 3, reshuffle_each_iteration=True)
-    ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(config.prefetch)
-    return ds, manifest
+    return ds.batch(config.batch_size, drop_remainder=True).prefetch(config.prefetch)

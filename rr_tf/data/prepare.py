@@ -157,23 +157,28 @@ def _ordered_results(tasks, spec, workers):
 
 
 class _SplitShards:
-    """Rolls shard writers of one split every ``cases_per_shard`` cases."""
+    """Shard writers of one split: a new shard after ``cases_per_shard``
+    cases, but never between two scans of one patient (cases arrive sorted
+    by patient, so a patient's scans stay adjacent in one shard: the
+    patient-pair stream relies on it)."""
 
     def __init__(self, output_dir, split, generation, cases_per_shard, compression):
         self.args = (output_dir, split, generation, cases_per_shard, compression)
-        self.done, self.current = [], None
+        self.done, self.current, self.last_patient = [], None, None
 
     def add(self, case):
         output_dir, split, generation, per_shard, compression = self.args
+        patient = case.meta["patient_id"]
+        if (self.current is not None and self.current.num_records >= per_shard
+                and patient != self.last_patient):
+            self.finish()
         if self.current is None:
             name = f"{split}-{generation}-{len(self.done):05d}.tfrecord"
             self.current = records.ShardWriter(output_dir, name, compression)
         self.current.write(records.encode_case(case.image, case.label, case.meta["spacing"],
                                                case.case_id))
-        name, index = self.current.name, self.current.num_records - 1
-        if self.current.num_records >= per_shard:
-            self.finish()
-        return name, index
+        self.last_patient = patient
+        return self.current.name, self.current.num_records - 1
 
     def finish(self):
         if self.current is not None:
@@ -261,6 +266,7 @@ def prepare(config, log=None):
         log(f"bad input: {path}: {reason}")
 
     splits = assign_splits([t.patient_id or t.case_id for t in tasks], config.val_fraction, config.seed)
+    good_tasks.sort(key=lambda t: (t.patient_id or t.case_id, t.case_id))
     generation = fingerprint[:8]
     writers = {s: _SplitShards(config.output_dir, s, generation, config.cases_per_shard,
                                config.compression) for s in ("train", "val")}

@@ -64,3 +64,16 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial=None, stride=2):
                 "label": tf.ensure_shape(tf.cast(lab, tf.int32), patch_size), "box": box}
 
     return fn
+
+
+def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD):
+    """MICLe positives: one crop from each of two scans of a patient (the
+    scans may differ in shape and position, so each gets its own box)."""
+    single = random_crop(crop_size, foreground_p, threshold)
+
+    def fn(image_a, image_b, seed):
+        s_a, s_b = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        a, b = single(image_a, s_a), single(image_b, s_b)
+        return {"view1": a["view"], "box1": a["box"], "view2": b["view"], "box2": b["box"]}
+
+    return fn

@@ -128,6 +128,7 @@ def discover(source, labels_dir=None, patient_table=None, dicom_all_series=False
                     ignored += 1
         if rel != "." and dicom.is_dicom_dir(root):
             cid = rel.replace(os.sep, "__")
+            header_pid = dicom.first_patient_id(root)
             if dicom_all_series:
                 try:
                     series = sorted(dicom.list_series(root))
@@ -137,10 +138,10 @@ def discover(source, labels_dir=None, patient_table=None, dicom_all_series=False
                 for uid in series:
                     sid = cid if len(series) == 1 else f"{cid}__{uid}"
                     add(CaseTask(case_id=sid, kind="dicom", image=root, series_uid=uid,
-                                 label=labels.get(sid), patient_id=patients.get(sid)))
+                                 label=labels.get(sid), patient_id=patients.get(sid, header_pid)))
             else:
                 add(CaseTask(case_id=cid, kind="dicom", image=root, label=labels.get(cid),
-                             patient_id=patients.get(cid)))
+                             patient_id=patients.get(cid, header_pid)))
     unmatched = sorted(set(labels) - set(found))
     if unmatched:
         notes.append(f"{len(unmatched)} label file(s) match no image: {', '.join(unmatched[:5])}"
