@@ -4,9 +4,9 @@
 
 Reading: shard files (checked against the manifest first: size, or sha256
 with ``verify="sha256"``) are shuffled with the seed, read interleaved,
-records shuffled in a bounded buffer, decoded, scaled to [0, 1] with the
-data set's preprocessing spec. Views: ``view_fn(image, seed)`` (or
-``view_fn(image, label, seed)`` for labelled streams) is called
+records shuffled in a bounded buffer, decoded (int16 HU). Views: ``view_fn(image, seed, to_unit)`` (or
+``view_fn(image, label, seed, to_unit)`` for labelled streams; ``to_unit``
+scales crops to network input with the data set's spec) is called
 ``crops_per_volume`` times per decoded volume with independent stateless
 seeds, so one volume read feeds several crops; crops are shuffled, batched
 (fixed batch size) and prefetched. The stream is deterministic under
@@ -82,21 +82,26 @@ def shard_files(data_dir, split, config, log=None):
     return manifest, files
 
 
-def scale_image(image, spec):
-    """Stored int16 HU -> float32 network input per ``spec`` ([D,H,W,1])."""
-    x = tf.cast(image, tf.float32)
-    if spec.scaling == "unit":
-        lo, hi = spec.hu_window
-        x = (tf.clip_by_value(x, lo, hi) - lo) / (hi - lo)
-    return x[..., None]
+def unit_scaler(spec):
+    """fn(HU tensor) -> float32 network input per ``spec``. Stored voxels are
+    already clipped to the window, so scaling commutes with cropping and
+    linear resizing: recipes apply it to crops, never to whole volumes."""
+    lo, hi = spec.hu_window
+
+    def to_unit(x):
+        x = tf.cast(x, tf.float32)
+        if spec.scaling == "unit":
+            x = (tf.clip_by_value(x, lo, hi) - lo) / (hi - lo)
+        return x
+
+    return to_unit
 
 
 def case_dataset(data_dir, split, config, input_context=None, log=None):
-    """Decoded cases (dicts: case_id, image float32 [D,H,W,1] scaled, label
-    uint8 [D,H,W], has_label, spacing), shuffled and repeated per config."""
+    """Decoded cases (dicts: case_id, image int16 HU [D,H,W,1], label uint8
+    [D,H,W], has_label, spacing), shuffled and repeated per config."""
     config.validate()
     manifest, files = shard_files(data_dir, split, config, log)
-    spec = manifest["spec_obj"]
     compression = records.COMPRESSIONS[manifest.get("compression", "none")]
     ds = tf.data.Dataset.from_tensor_slices(files)
     if input_context is not None and input_context.num_input_pipelines > 1:
@@ -118,7 +123,7 @@ def case_dataset(data_dir, split, config, input_context=None, log=None):
 
     def decode(raw):
         case = records.decode_case(raw)
-        case["image"] = scale_image(case["image"], spec)
+        case["image"] = case["image"][..., None]
         return case
 
     ds = ds.map(decode, num_parallel_calls=config.parallel_calls, deterministic=config.deterministic)
@@ -128,21 +133,24 @@ def case_dataset(data_dir, split, config, input_context=None, log=None):
 
 
 def view_dataset(data_dir, split, view_fn, config, labelled=False, input_context=None, log=None):
-    """Batched views. ``view_fn(image, seed)`` (or ``(image, label, seed)`` when
-    ``labelled``) returns a dict of tensors with static shapes; it is applied
+    """Batched views. ``view_fn(image, seed, to_unit)`` (or ``(image, label,
+    seed, to_unit)`` when ``labelled``) gets the stored int16 HU volume and
+    the scaler to apply to its crops (:func:`unit_scaler`); it returns a
+    dict of tensors with static shapes and is applied
     ``crops_per_volume`` times per volume; each element also carries its
     ``case_id``. Returns (dataset, manifest)."""
     cases, manifest = case_dataset(data_dir, split, config, input_context, log)
+    to_unit = unit_scaler(manifest["spec_obj"])
     if labelled:
         cases = cases.filter(lambda c: c["has_label"])
-        call = lambda c, s: view_fn(c["image"], c["label"], s)  # noqa: E731
+        call = lambda c, s: view_fn(c["image"], c["label"], s, to_unit)  # noqa: E731
     else:
-        call = lambda c, s: view_fn(c["image"], s)  # noqa: E731
+        call = lambda c, s: view_fn(c["image"], s, to_unit)  # noqa: E731
     return _crops(cases, call, lambda c: c["case_id"], config), manifest
 
 
 def pair_view_dataset(data_dir, split, pair_fn, config, input_context=None, log=None):
-    """MICLe-style pairs: ``pair_fn(image_a, image_b, seed)`` gets two
+    """MICLe-style pairs: ``pair_fn(image_a, image_b, seed, to_unit)`` gets two
     *different* scans of one patient when the manifest links several scans
     to that patient, else the same scan twice. Elements carry
     ``case_id_a`` / ``case_id_b``. Returns (dataset, manifest).
@@ -172,7 +180,8 @@ def pair_view_dataset(data_dir, split, pair_fn, config, input_context=None, log=
 
     pairs = cases.group_by_window(key_func=lambda c: table.lookup(c["case_id"]), reduce_func=pair_up,
                                   window_size_func=lambda k: tf.where(k < n, tf.constant(2, tf.int64), 1))
-    call = lambda p, s: pair_fn(p[0]["image"], p[1]["image"], s)  # noqa: E731
+    to_unit = unit_scaler(manifest["spec_obj"])
+    call = lambda p, s: pair_fn(p[0]["image"], p[1]["image"], s, to_unit)  # noqa: E731
     ids = lambda p: (p[0]["case_id"], p[1]["case_id"])  # noqa: E731
     return _crops(pairs, call, ids, config), manifest
 

@@ -5,23 +5,31 @@ static shapes, boxes included."""
 
 import tensorflow as tf
 
-from rr_tf.data import views
+from rr_tf.data import augment, views
 
-# Scaled intensity above which a voxel counts as "body" for foreground-biased
-# sampling: -500 HU in the default [-1000, 1000] window.
-BODY_THRESHOLD = 0.25
+# HU above which a voxel counts as "body" for foreground-biased sampling.
+BODY_THRESHOLD_HU = -500
+
+
+_AIR_HU = -1000
+
+
+def _crop_unit(image, box, out_size, to_unit):
+    """Crop (HU) -> network units -> resize to ``out_size``."""
+    x = to_unit(views.crop(image, box, pad_value=_AIR_HU))
+    return tf.ensure_shape(views.resize3d(x, out_size), tuple(out_size) + (1,))
 
 
 def _coin(seed, p):
     return tf.random.stateless_uniform([], seed) < p
 
 
-def random_crop(crop_size, foreground_p=0.0, threshold=BODY_THRESHOLD):
+def random_crop(crop_size, foreground_p=0.0, threshold=BODY_THRESHOLD_HU):
     """One crop of ``crop_size`` per call; with probability ``foreground_p``
     centred on a body voxel (CAST-like foreground-aware sampling)."""
     crop_size = tuple(int(c) for c in crop_size)
 
-    def fn(image, seed):
+    def fn(image, seed, to_unit):
         s_coin, s_fg, s_uni = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         shape = tf.shape(image)[:3]
         if foreground_p > 0:
@@ -30,7 +38,7 @@ def random_crop(crop_size, foreground_p=0.0, threshold=BODY_THRESHOLD):
                           lambda: views.random_box(shape, crop_size, s_uni))
         else:
             box = views.random_box(shape, crop_size, s_uni)
-        view = views.crop(image, box)
+        view = to_unit(views.crop(image, box, pad_value=_AIR_HU))
         return {"view": tf.ensure_shape(view, crop_size + (1,)), "box": box}
 
     return fn
@@ -43,7 +51,7 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial=None, stride=2):
     both (e.g. flips + affine, nearest for the label)."""
     patch_size = tuple(int(c) for c in patch_size)
 
-    def fn(image, label, seed):
+    def fn(image, label, seed, to_unit):
         s_coin, s_pick, s_uni, s_aug = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
         shape = tf.shape(image)[:3]
         size = tf.constant(patch_size, tf.int32)
@@ -56,7 +64,7 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial=None, stride=2):
 
         box = tf.cond(tf.logical_and(_coin(s_coin, fg_fraction), n > 0), centred,
                       lambda: views.random_box(shape, size, s_uni))
-        img = views.crop(image, box)
+        img = to_unit(views.crop(image, box, pad_value=_AIR_HU))
         lab = views.crop(label, box)
         if spatial is not None:
             img, lab = spatial(img, lab, s_aug)
@@ -66,14 +74,91 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial=None, stride=2):
     return fn
 
 
-def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD):
+def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD_HU):
     """MICLe positives: one crop from each of two scans of a patient (the
     scans may differ in shape and position, so each gets its own box)."""
     single = random_crop(crop_size, foreground_p, threshold)
 
-    def fn(image_a, image_b, seed):
+    def fn(image_a, image_b, seed, to_unit):
         s_a, s_b = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        a, b = single(image_a, s_a), single(image_b, s_b)
+        a, b = single(image_a, s_a, to_unit), single(image_b, s_b, to_unit)
         return {"view1": a["view"], "box1": a["box"], "view2": b["view"], "box2": b["box"]}
+
+    return fn
+
+
+def _spatial(x, seed, affine=True):
+    """Flip (each axis p 0.5) then a small affine (scale 0.9-1.1, +-10 deg)."""
+    s_flip, s_aff = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    x, _ = augment.random_flip(x, s_flip)
+    if affine:
+        x = augment.random_affine(x, s_aff, scale=(0.9, 1.1), degrees=10.0)
+    return x
+
+
+def _intensity(x, seed, swap):
+    """Blur, noise, gamma (each p 0.5) and, for global views, patch swap."""
+    s = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    x = augment.gaussian_blur(x, s[0], sigma=(0.0, 2.0), p=0.5)
+    x = augment.gaussian_noise(x, s[1], std=(0.0, 0.25), p=0.5)
+    x = augment.random_gamma(x, s[2], log_gamma=(-0.3, 0.3), p=0.5)
+    if swap:
+        x = augment.patch_swap(x, s[3], patch=(8, 4, 4), num_swaps=100, p=0.5)
+    return x
+
+
+PCRLV2_GLOBAL_SIZES = ((64, 64, 32), (80, 80, 40), (96, 96, 48), (112, 112, 56))
+PCRLV2_LOCAL_SIZES = ((16, 16, 16), (24, 24, 24), (32, 32, 32))
+
+
+def pcrlv2_views(global_out=(64, 64, 32), local_out=(16, 16, 16), num_local=6, min_iou=0.3,
+                 global_sizes=PCRLV2_GLOBAL_SIZES, local_sizes=PCRLV2_LOCAL_SIZES,
+                 spatial_affine=True):
+    """PCRLv2 sample: two global crops (IoU >= ``min_iou``, resized to
+    ``global_out``) and ``num_local`` local crops drawn inside their union
+    box (resized to ``local_out``). Spatial augmentation, then intensity
+    augmentation (patch swap on globals only). ``target1/2`` are the globals
+    after spatial and before intensity augmentation (restoration targets)."""
+    global_out, local_out = tuple(global_out), tuple(local_out)
+
+    def fn(image, seed, to_unit):
+        s = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
+        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], global_sizes, min_iou, s[0])
+        lboxes = views.local_boxes(views.union_box(b1, b2), num_local, local_sizes, s[1])
+        out = {"box1": b1, "box2": b2, "local_boxes": lboxes}
+        for i, (box, s_sp, s_in) in enumerate([(b1, s[2], s[3]), (b2, s[4], s[5])], start=1):
+            target = _spatial(_crop_unit(image, box, global_out, to_unit), s_sp, spatial_affine)
+            out[f"target{i}"] = target
+            out[f"global{i}"] = _intensity(target, s_in, swap=True)
+        local_seeds = tf.random.experimental.stateless_split(s[6], num_local)
+        locs = []
+        for j in range(num_local):
+            s_sp, s_in = tf.unstack(tf.random.experimental.stateless_split(local_seeds[j], 2))
+            loc = _spatial(_crop_unit(image, lboxes[j], local_out, to_unit), s_sp, spatial_affine)
+            locs.append(_intensity(loc, s_in, swap=False))
+        out["locals"] = tf.stack(locs)
+        return out
+
+    return fn
+
+
+def contrastive_pair(crop_size, out_size=None, min_iou=0.3, scales=(1.0, 1.25, 1.5),
+                     spatial_affine=True):
+    """Two augmented views of one volume (MoCo v2 / SimCLR / RepRec CNN
+    branch): crops of ``crop_size`` x a scale from ``scales`` with IoU >=
+    ``min_iou``, resized to ``out_size`` (default ``crop_size``), with
+    spatial and intensity augmentation. Boxes are returned."""
+    crop_size = tuple(int(c) for c in crop_size)
+    out_size = tuple(out_size or crop_size)
+    sizes = [[int(round(c * f)) for c in crop_size] for f in scales]
+
+    def fn(image, seed, to_unit):
+        s = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
+        out = {"box1": b1, "box2": b2}
+        for i, (box, s_sp, s_in) in enumerate([(b1, s[1], s[2]), (b2, s[3], s[4])], start=1):
+            view = _spatial(_crop_unit(image, box, out_size, to_unit), s_sp, spatial_affine)
+            out[f"view{i}"] = _intensity(view, s_in, swap=False)
+        return out
 
     return fn
