@@ -138,3 +138,15 @@ def test_patient_pairs_use_two_scans_of_one_patient(tmp_path):
     assert all(patient_of[a] == patient_of[b] for a, b in pairs), pairs
     assert all(a != b for a, b in pairs if patient_of[a] != "P2"), pairs
     assert ("s3", "s3") in pairs and any(patient_of[a] == "P0" for a, _ in pairs)
+
+
+def test_unit_scaler_clips_padding_only_when_needed():
+    from rr_tf.data.pipeline import unit_scaler
+
+    wide = unit_scaler(PreprocessSpec(hu_window=(-1000, 1000)))
+    np.testing.assert_allclose(wide(tf.constant([-1000, 0, 1000], tf.int16)), [0, 0.5, 1])
+    narrow = unit_scaler(PreprocessSpec(hu_window=(-200, 300)))
+    # -1000 is the crop padding value: below this window, so it must clip to 0
+    np.testing.assert_allclose(narrow(tf.constant([-1000, -200, 50, 300], tf.int16)), [0, 0, 0.5, 1])
+    raw = unit_scaler(PreprocessSpec(scaling="none"))
+    np.testing.assert_allclose(raw(tf.constant([-1000, 7], tf.int16)), [-1000, 7])

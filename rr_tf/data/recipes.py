@@ -1,7 +1,9 @@
 """View recipes: what one training sample is, built from views.py samplers
 and augment ops. Each recipe returns a function for
 :func:`rr_tf.data.pipeline.view_dataset` and yields a dict of tensors with
-static shapes, boxes included."""
+static shapes, boxes included. Un-augmented crops are returned as int16
+stored HU (the stream scales whole batches); augmented ones are float32
+network input (augmentation needs it)."""
 
 import tensorflow as tf
 
@@ -11,12 +13,9 @@ from rr_tf.data import augment, views
 BODY_THRESHOLD_HU = -500
 
 
-_AIR_HU = -1000
-
-
 def _crop_unit(image, box, out_size, to_unit):
     """Crop (HU) -> network units -> resize to ``out_size``."""
-    x = to_unit(views.crop(image, box, pad_value=_AIR_HU))
+    x = to_unit(views.crop(image, box, pad_value=views.PAD_HU))
     return tf.ensure_shape(views.resize3d(x, out_size), tuple(out_size) + (1,))
 
 
@@ -38,7 +37,7 @@ def random_crop(crop_size, foreground_p=0.0, threshold=BODY_THRESHOLD_HU):
                           lambda: views.random_box(shape, crop_size, s_uni))
         else:
             box = views.random_box(shape, crop_size, s_uni)
-        view = to_unit(views.crop(image, box, pad_value=_AIR_HU))
+        view = views.crop(image, box, pad_value=views.PAD_HU)  # int16 HU: the stream scales batches
         return {"view": tf.ensure_shape(view, crop_size + (1,)), "box": box}
 
     return fn
@@ -64,10 +63,10 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial=None, stride=2):
 
         box = tf.cond(tf.logical_and(_coin(s_coin, fg_fraction), n > 0), centred,
                       lambda: views.random_box(shape, size, s_uni))
-        img = to_unit(views.crop(image, box, pad_value=_AIR_HU))
+        img = views.crop(image, box, pad_value=views.PAD_HU)
         lab = views.crop(label, box)
-        if spatial is not None:
-            img, lab = spatial(img, lab, s_aug)
+        if spatial is not None:  # augmentation works on network units
+            img, lab = spatial(to_unit(img), lab, s_aug)
         return {"image": tf.ensure_shape(img, patch_size + (1,)),
                 "label": tf.ensure_shape(tf.cast(lab, tf.int32), patch_size), "box": box}
 
@@ -87,24 +86,59 @@ def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD_HU):
     return fn
 
 
-def _spatial(x, seed, affine=True):
-    """Flip (each axis p 0.5) then a small affine (scale 0.9-1.1, +-10 deg)."""
-    s_flip, s_aff = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    x, _ = augment.random_flip(x, s_flip)
-    if affine:
-        x = augment.random_affine(x, s_aff, scale=(0.9, 1.1), degrees=10.0)
-    return x
+# Static-shape augmentation runs under XLA: on 2 CPU cores it makes the
+# gather-based affine 4.6x, patch swap 6.7x and flip 2.5x faster (measured
+# single-threaded on 64x64x32 crops). Stateless normal noise is 6x *slower*
+# under XLA, so it stays outside. Each function takes a stack of crops
+# [N, D, H, W, 1] and their seeds [N, 2] (N unrolled), so a sample costs a
+# few XLA dispatches rather than one per crop and op.
+@tf.function(jit_compile=True)
+def _spatial_xla(crops, seeds, affine):
+    out = []
+    for i in range(crops.shape[0]):
+        s_flip, s_aff = tf.unstack(tf.random.experimental.stateless_split(seeds[i], 2))
+        x, _ = augment.random_flip(crops[i], s_flip)
+        if affine:
+            x = augment.random_affine(x, s_aff, scale=(0.9, 1.1), degrees=10.0)
+        out.append(x)
+    return tf.stack(out)
 
 
-def _intensity(x, seed, swap):
-    """Blur, noise, gamma (each p 0.5) and, for global views, patch swap."""
-    s = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-    x = augment.gaussian_blur(x, s[0], sigma=(0.0, 2.0), p=0.5)
-    x = augment.gaussian_noise(x, s[1], std=(0.0, 0.25), p=0.5)
-    x = augment.random_gamma(x, s[2], log_gamma=(-0.3, 0.3), p=0.5)
-    if swap:
-        x = augment.patch_swap(x, s[3], patch=(8, 4, 4), num_swaps=100, p=0.5)
-    return x
+@tf.function(jit_compile=True)
+def _blur_xla(crops, seeds):
+    return tf.stack([augment.gaussian_blur(crops[i], seeds[i], sigma=(0.0, 2.0), p=0.5)
+                     for i in range(crops.shape[0])])
+
+
+@tf.function(jit_compile=True)
+def _gamma_swap_xla(crops, seeds, swap):
+    out = []
+    for i in range(crops.shape[0]):
+        s_gamma, s_swap = tf.unstack(tf.random.experimental.stateless_split(seeds[i], 2))
+        x = augment.random_gamma(crops[i], s_gamma, log_gamma=(-0.3, 0.3), p=0.5)
+        if swap:
+            x = augment.patch_swap(x, s_swap, patch=(8, 4, 4), num_swaps=100, p=0.5)
+        out.append(x)
+    return tf.stack(out)
+
+
+def _spatial(crops, seed, affine=True):
+    """Per crop of a stack: flip (each axis p 0.5), then a small affine
+    (scale 0.9-1.1, +-10 deg) when ``affine``."""
+    seeds = tf.random.experimental.stateless_split(seed, crops.shape[0])
+    return _spatial_xla(crops, seeds, affine)
+
+
+def _intensity(crops, seed, swap):
+    """Per crop of a stack: blur, noise, gamma (each p 0.5) and, for global
+    views, patch swap (p 0.5)."""
+    n = crops.shape[0]
+    s = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    x = _blur_xla(crops, tf.random.experimental.stateless_split(s[0], n))
+    noise_seeds = tf.random.experimental.stateless_split(s[1], n)
+    x = tf.stack([augment.gaussian_noise(x[i], noise_seeds[i], std=(0.0, 0.25), p=0.5)
+                  for i in range(n)])
+    return _gamma_swap_xla(x, tf.random.experimental.stateless_split(s[2], n), swap)
 
 
 PCRLV2_GLOBAL_SIZES = ((64, 64, 32), (80, 80, 40), (96, 96, 48), (112, 112, 56))
@@ -122,22 +156,16 @@ def pcrlv2_views(global_out=(64, 64, 32), local_out=(16, 16, 16), num_local=6, m
     global_out, local_out = tuple(global_out), tuple(local_out)
 
     def fn(image, seed, to_unit):
-        s = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
+        s = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
         b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], global_sizes, min_iou, s[0])
         lboxes = views.local_boxes(views.union_box(b1, b2), num_local, local_sizes, s[1])
-        out = {"box1": b1, "box2": b2, "local_boxes": lboxes}
-        for i, (box, s_sp, s_in) in enumerate([(b1, s[2], s[3]), (b2, s[4], s[5])], start=1):
-            target = _spatial(_crop_unit(image, box, global_out, to_unit), s_sp, spatial_affine)
-            out[f"target{i}"] = target
-            out[f"global{i}"] = _intensity(target, s_in, swap=True)
-        local_seeds = tf.random.experimental.stateless_split(s[6], num_local)
-        locs = []
-        for j in range(num_local):
-            s_sp, s_in = tf.unstack(tf.random.experimental.stateless_split(local_seeds[j], 2))
-            loc = _spatial(_crop_unit(image, lboxes[j], local_out, to_unit), s_sp, spatial_affine)
-            locs.append(_intensity(loc, s_in, swap=False))
-        out["locals"] = tf.stack(locs)
-        return out
+        globs = tf.stack([_crop_unit(image, b, global_out, to_unit) for b in (b1, b2)])
+        targets = _spatial(globs, s[2], spatial_affine)
+        globs = _intensity(targets, s[3], swap=True)
+        locs = tf.stack([_crop_unit(image, lboxes[j], local_out, to_unit) for j in range(num_local)])
+        locs = _intensity(_spatial(locs, s[4], spatial_affine), s[5], swap=False)
+        return {"box1": b1, "box2": b2, "local_boxes": lboxes, "target1": targets[0],
+                "target2": targets[1], "global1": globs[0], "global2": globs[1], "locals": locs}
 
     return fn
 
@@ -153,12 +181,10 @@ def contrastive_pair(crop_size, out_size=None, min_iou=0.3, scales=(1.0, 1.25, 1
     sizes = [[int(round(c * f)) for c in crop_size] for f in scales]
 
     def fn(image, seed, to_unit):
-        s = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+        s = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
-        out = {"box1": b1, "box2": b2}
-        for i, (box, s_sp, s_in) in enumerate([(b1, s[1], s[2]), (b2, s[3], s[4])], start=1):
-            view = _spatial(_crop_unit(image, box, out_size, to_unit), s_sp, spatial_affine)
-            out[f"view{i}"] = _intensity(view, s_in, swap=False)
-        return out
+        pair = tf.stack([_crop_unit(image, b, out_size, to_unit) for b in (b1, b2)])
+        pair = _intensity(_spatial(pair, s[1], spatial_affine), s[2], swap=False)
+        return {"box1": b1, "box2": b2, "view1": pair[0], "view2": pair[1]}
 
     return fn

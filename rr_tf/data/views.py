@@ -12,6 +12,7 @@ tensor of shape [2]) so a stream is reproducible under a seed.
 import tensorflow as tf
 
 _MAX_PAIR_TRIES = 64
+PAD_HU = -1000  # what HU crops read outside the volume: air
 
 
 def _split(seed, n):

@@ -35,9 +35,14 @@ def random_flip(x, seed, label=None, axes=(0, 1, 2), p=0.5):
 
 
 def apply_flips(x, flips):
-    """Reverse the spatial axes of ``x`` (D, H, W, ...) whose bit in ``flips`` is 1."""
-    axes = tf.boolean_mask(tf.range(3), tf.cast(flips, tf.bool))
-    return tf.reverse(x, axes)
+    """Reverse the spatial axes of ``x`` (D, H, W, ...) whose bit in ``flips`` is 1.
+
+    Static axes with a select per axis (no data-dependent axis list), so the
+    op compiles under XLA (``jit_compile=True``)."""
+    flips = tf.cast(flips, tf.bool)
+    for axis in range(3):
+        x = tf.where(flips[axis], tf.reverse(x, [axis]), x)
+    return x
 
 
 # -------------------------------------------------------------------- rot90
