@@ -1,9 +1,11 @@
 """Benchmarks; results are written into docs/benchmarks.md.
 
   python launch/benchmark.py --mode=data
-      phantom generation time per volume (128^3 and 64^3, median over seeds)
-      and preprocessing throughput (NIfTI files -> int16 shards, volumes/s,
-      with 1 worker and with one per core), plus peak RSS.
+      phantom generation time per volume (128^3 and 64^3, median over seeds);
+      preprocessing throughput (NIfTI files -> int16 shards, volumes/s, with
+      1 worker and with one per core); tf.data stream throughput from those
+      shards (plain 96^3 crops/s, PCRLv2 samples/s) with each stream's peak
+      RSS, measured in a fresh process.
 
 Modes 'model' and 'e2e' arrive with the pre-training issues and are refused
 with a clear message until then.
@@ -30,6 +32,7 @@ flags.DEFINE_enum("mode", None, ["data", "model", "e2e"], "What to measure.")
 flags.DEFINE_integer("repeats", 5, "Phantoms timed per size (median reported).", lower_bound=1)
 flags.DEFINE_integer("num_cases", 12, "NIfTI cases in the preprocessing throughput run.", lower_bound=2)
 flags.DEFINE_string("spacing", "3,3,3", "Target spacing of the throughput run (mm).")
+flags.DEFINE_float("seconds", 20.0, "Seconds each stream is timed (after warm-up).", lower_bound=1.0)
 flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown file whose section for this mode "
                     "is replaced by the new results ('' = print only).")
 flags.mark_flag_as_required("mode")
@@ -79,6 +82,54 @@ def bench_preprocess(num_cases, spacing, workers, src, out):
     return num_cases / elapsed, elapsed
 
 
+STREAMS = {
+    # name: (recipe factory, StreamConfig kwargs, samples per batch, what one sample is)
+    "plain96_k4": ("random_crop", {"crop_size": (96, 96, 96)}, dict(batch_size=8, crops_per_volume=4),
+                   "plain 96^3 crops (4 per volume read)"),
+    "plain96_k1": ("random_crop", {"crop_size": (96, 96, 96)}, dict(batch_size=8, crops_per_volume=1),
+                   "plain 96^3 crops (1 per volume read)"),
+    "pcrlv2": ("pcrlv2_views", {}, dict(batch_size=4, crops_per_volume=4),
+               "PCRLv2 samples (2 globals 64x64x32 + 6 locals 16^3, full augmentation)"),
+}
+
+
+def _stream_child(name, data_dir, seconds, queue):
+    """Runs in a fresh process: times one stream, reports rate and RSS."""
+    import tensorflow as tf  # noqa: F401  (baseline RSS includes the TF runtime)
+    from rr_tf.data import recipes
+    from rr_tf.data.pipeline import StreamConfig, view_dataset
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+    factory, kwargs, cfg, _ = STREAMS[name]
+    base = rss_mb()
+    ds, _ = view_dataset(data_dir, "train", getattr(recipes, factory)(**kwargs), StreamConfig(**cfg))
+    it = iter(ds)
+    for _ in range(3):  # warm-up: tracing, XLA compilation, buffers filling
+        next(it)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        next(it)
+        n += cfg["batch_size"]
+    rate = n / (time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put((rate, base, peak))
+
+
+def bench_stream(name, data_dir, seconds):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_stream_child, args=(name, data_dir, seconds, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def run_data():
     from rr_tf.data.phantom import PhantomConfig, generate_phantom, write_phantom_nifti
 
@@ -100,18 +151,25 @@ def run_data():
             lines.append(f"| preprocessing 128^3 .nii.gz -> int16 shards at "
                          f"{FLAGS.spacing} mm, {workers} worker(s) | {rate:.2f} volumes/s "
                          f"({FLAGS.num_cases} volumes in {elapsed:.1f} s) | - |")
+        self_mb, child_mb = peak_rss_mb()
+        lines.append(f"| peak RSS of the preparation | {self_mb:.0f} MB main process, {child_mb:.0f} MB "
+                     "largest worker | phantom < 1 GB per process |")
+        targets = {"plain96_k4": 400, "plain96_k1": 400, "pcrlv2": 100}
+        for name, (_, _, cfg, what) in STREAMS.items():
+            rate, base, peak = bench_stream(name, os.path.join(tmp, "out1"), FLAGS.seconds)
+            lines.append(f"| stream: {what}, batch {cfg['batch_size']}, default buffers | "
+                         f"{rate:.0f} samples/s; peak RSS {peak:.0f} MB ({base:.0f} MB of it the "
+                         f"TF runtime before the stream) | >= {targets[name]}/s; < 2 GB |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    self_mb, child_mb = peak_rss_mb()
-    lines.append(f"| peak RSS | {self_mb:.0f} MB main process, {child_mb:.0f} MB largest worker | "
-                 "phantom < 1 GB per process |")
     return lines
 
 
 def write_section(path, mode, lines):
     header = [f"<!-- {mode}:begin -->", f"## `--mode={mode}`", "",
               f"Command: `python launch/benchmark.py --mode={mode} "
-              f"--repeats={FLAGS.repeats} --num_cases={FLAGS.num_cases} --spacing={FLAGS.spacing}`  ",
+              f"--repeats={FLAGS.repeats} --num_cases={FLAGS.num_cases} --spacing={FLAGS.spacing} "
+              f"--seconds={FLAGS.seconds:g}`  ",
               f"Machine: {machine()}  ",
               f"Date: {datetime.date.today().isoformat()}", "",
               "| what | measured | target |", "|---|---|---|"]
