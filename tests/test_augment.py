@@ -1,6 +1,5 @@
 """Invariants of the tf-graph augment ops (rr_tf.data.augment)."""
 
-import time
 
 import numpy as np
 import pytest
@@ -361,22 +360,3 @@ def test_ops_inside_tf_data_map():
         ref = _pcrl_chain(x0, s)
         np.testing.assert_allclose(x.numpy(), ref[0].numpy(), atol=1e-5)
         assert np.all(np.isfinite(x.numpy()))
-
-
-def _throughput(fn, shape=(64, 64, 32, 1), n=200):
-    ds = _crops(shape, n).map(fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(8)
-    for _ in ds.take(8):  # trace and warm up
-        pass
-    t = time.perf_counter()
-    count = sum(1 for _ in ds)
-    return count / (time.perf_counter() - t)
-
-
-def test_throughput_report(capsys):
-    pcrl = _throughput(lambda x, s: _pcrl_chain(x, s))
-    gen = _throughput(lambda x, s: A.genesis_corrupt(x, s))
-    with capsys.disabled():
-        print(f"\n[augment throughput, 64x64x32, tf.data AUTOTUNE] "
-              f"PCRLv2 chain (flip+affine+blur+noise+gamma+swap): {pcrl:.1f} crops/s; "
-              f"genesis_corrupt: {gen:.1f} crops/s")
-    assert pcrl > 0 and gen > 0
