@@ -65,7 +65,8 @@ def test_random_crop_stream_shapes_content_and_determinism(shards):
 def test_finetune_patches_oversample_foreground_and_stay_aligned(shards):
     out, _ = shards
     cfg = StreamConfig(batch_size=8, crops_per_volume=4, seed=1)
-    ds, _ = view_dataset(out, "train", recipes.finetune_patch((12, 12, 6)), cfg, labelled=True)
+    ds, _ = view_dataset(out, "train", recipes.finetune_patch((12, 12, 6), spatial=None), cfg,
+                         labelled=True)
     batches = _take(ds, 8)
     labels = np.concatenate([b["label"] for b in batches])
     images = np.concatenate([b["image"] for b in batches])[..., 0]
@@ -150,3 +151,17 @@ def test_unit_scaler_clips_padding_only_when_needed():
     np.testing.assert_allclose(narrow(tf.constant([-1000, -200, 50, 300], tf.int16)), [0, 0, 0.5, 1])
     raw = unit_scaler(PreprocessSpec(scaling="none"))
     np.testing.assert_allclose(raw(tf.constant([-1000, 7], tf.int16)), [-1000, 7])
+
+
+def test_finetune_augmentation_moves_image_and_label_together(shards):
+    out, _ = shards
+    cfg = StreamConfig(batch_size=8, crops_per_volume=4, seed=2)
+    ds, _ = view_dataset(out, "train", recipes.finetune_patch((16, 16, 8)), cfg, labelled=True)
+    batches = _take(ds, 6)
+    labels = np.concatenate([b["label"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])[..., 0]
+    assert images.dtype == np.float32 and set(np.unique(labels)) <= {0, 2}
+    assert labels.any()
+    # bright (1.0) cube and label 2 stay on top of each other after flip + affine
+    assert images[labels == 2].mean() > 0.9
+    assert np.mean(images[labels == 0] > 0.99) < 0.02

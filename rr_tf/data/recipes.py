@@ -43,11 +43,15 @@ def random_crop(crop_size, foreground_p=0.0, threshold=BODY_THRESHOLD_HU):
     return fn
 
 
-def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial=None, stride=2):
+def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=2):
     """Image/label patch pairs; a ``fg_fraction`` of patches is centred on a
-    random labelled voxel (as nnU-Net oversamples foreground). ``spatial``
-    is an optional ``fn(image, label, seed) -> (image, label)`` applied to
-    both (e.g. flips + affine, nearest for the label)."""
+    random labelled voxel (as nnU-Net oversamples foreground). ``spatial``:
+    ``"default"`` = :func:`paired_spatial` (flips + small affine, the label
+    resampled with nearest neighbour), None = no augmentation (the image then
+    stays int16 HU until the stream scales the batch), or any
+    ``fn(image, label, seed) -> (image, label)``."""
+    if spatial == "default":
+        spatial = paired_spatial
     patch_size = tuple(int(c) for c in patch_size)
 
     def fn(image, label, seed, to_unit):
@@ -63,14 +67,22 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial=None, stride=2):
 
         box = tf.cond(tf.logical_and(_coin(s_coin, fg_fraction), n > 0), centred,
                       lambda: views.random_box(shape, size, s_uni))
-        img = views.crop(image, box, pad_value=views.PAD_HU)
-        lab = views.crop(label, box)
+        img = tf.ensure_shape(views.crop(image, box, pad_value=views.PAD_HU), patch_size + (1,))
+        lab = tf.ensure_shape(views.crop(label, box), patch_size)
         if spatial is not None:  # augmentation works on network units
             img, lab = spatial(to_unit(img), lab, s_aug)
-        return {"image": tf.ensure_shape(img, patch_size + (1,)),
-                "label": tf.ensure_shape(tf.cast(lab, tf.int32), patch_size), "box": box}
+        return {"image": img, "label": tf.cast(lab, tf.int32), "box": box}
 
     return fn
+
+
+@tf.function(jit_compile=True)
+def paired_spatial(image, label, seed):
+    """The same flip + small affine (scale 0.9-1.1, +-10 deg) on an image
+    patch (trilinear) and its label patch (nearest)."""
+    s_flip, s_aff = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image, label, _ = augment.random_flip(image, s_flip, label=label)
+    return augment.random_affine(image, s_aff, label=label, scale=(0.9, 1.1), degrees=10.0)
 
 
 def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD_HU):
