@@ -1,0 +1,106 @@
+"""The training loop around ``keras.Model.fit``: resume, checkpoints, NaN
+stop, TensorBoard, progress bar.
+
+Epochs are checkpoint chunks of ``checkpoint_every`` steps; the optimizer's
+``iterations`` is the step counter saved in every checkpoint, so a resumed
+run continues at the exact step. The data stream is not restored from the
+checkpoint (tf.data iterator state would include multi-GB shuffle buffers):
+the launcher re-seeds it from the restored step instead, which keeps a
+resumed run reproducible but not identical to an uninterrupted one.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rr_tf.errors import ConfigError, RrTfError
+from rr_tf.training import callbacks as cb
+
+
+class TrainingDiverged(RrTfError):
+    """A loss became NaN or Inf; the message names the step and the last
+    good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    train_steps: int
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    image_every: int = 200
+    global_batch_size: int = 2
+    verbose: int = 1            # 1 = Keras progress bar, 2 = one line per epoch, 0 = silent
+
+    def validate(self):
+        for name in ("train_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "image_every", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+def checkpoint_for(method):
+    """The tf.train.Checkpoint of a method: the model (with its EMA copies,
+    queues and heads as attributes) and its optimizer (with ``iterations``)."""
+    return tf.train.Checkpoint(model=method, optimizer=method.optimizer)
+
+
+def restore_latest(method, checkpoint_dir):
+    """Restores the newest checkpoint in ``checkpoint_dir`` into ``method``
+    (which must be built and compiled). Returns the restored step (0 if none)."""
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        return 0
+    if not method.optimizer.built:
+        method.optimizer.build(method.trainable_variables)
+    status = checkpoint_for(method).restore(latest)
+    status.assert_existing_objects_matched()
+    return int(method.optimizer.iterations.numpy())
+
+
+def train(method, dataset, run_dir, config, preview_batch=None, hparams=None):
+    """Trains ``method`` (a compiled, built keras.Model with a custom
+    train_step) on ``dataset`` until ``config.train_steps``.
+
+    Returns a dict with the final step and the last logged metrics.
+    Raises TrainingDiverged on a NaN/Inf loss (the last good checkpoint
+    stays the newest one).
+    """
+    config.validate()
+    manager = tf.train.CheckpointManager(checkpoint_for(method), run_dir.checkpoints,
+                                         max_to_keep=config.keep_checkpoints)
+    step = restore_latest(method, run_dir.checkpoints)
+    if step >= config.train_steps:
+        run_dir.write_state(last_step=step, finished=True)
+        return {"step": step, "metrics": {}, "resumed_from": step}
+    guard = cb.NaNGuard()
+    callbacks = [
+        cb.StepLimit(config.train_steps),
+        guard,
+        cb.Throughput(config.global_batch_size),
+        keras.callbacks.TensorBoard(run_dir.tensorboard, update_freq=config.log_every,
+                                    write_graph=False, profile_batch=0),
+        cb.PeriodicCheckpoint(manager, config.checkpoint_every, guard,
+                              on_save=lambda s: run_dir.write_state(last_step=s)),
+    ]
+    if preview_batch is not None and hasattr(method, "summary_images"):
+        callbacks.append(cb.ImageSummary(run_dir.tensorboard + "/images", preview_batch,
+                                         config.image_every))
+    if hparams and step == 0:
+        cb.write_hparams(run_dir.tensorboard + "/hparams", hparams)
+    per_epoch = config.checkpoint_every
+    history = method.fit(dataset, epochs=math.ceil(config.train_steps / per_epoch),
+                         initial_epoch=step // per_epoch, steps_per_epoch=per_epoch,
+                         callbacks=callbacks, verbose=config.verbose, shuffle=False)
+    if guard.bad_step is not None:
+        latest = manager.latest_checkpoint or "none (no checkpoint was written before)"
+        losses = ", ".join(f"{k}={v:g}" for k, v in guard.bad_logs.items() if "loss" in k)
+        raise TrainingDiverged(f"loss became NaN/Inf at step {guard.bad_step} ({losses}); "
+                               f"stopped; last good checkpoint: {latest}")
+    final = int(method.optimizer.iterations.numpy())
+    run_dir.write_state(last_step=final, finished=final >= config.train_steps)
+    metrics = {k: float(np.asarray(v[-1])) for k, v in history.history.items() if v}
+    return {"step": final, "metrics": metrics, "resumed_from": step}
