@@ -9,8 +9,11 @@ from rr_tf.models.layers import (BN_EPSILON, BN_MOMENTUM, _register, upsample3d,
 
 
 def _bn(name, dtype):
+    # Heads normalise over the *global* batch (synchronized across replicas,
+    # a no-op on one device): contrastive and SimSiam objectives then do not
+    # depend on how the batch is split, and 1 vs N replicas train alike.
     return keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
-                                           name=name, dtype=dtype)
+                                           synchronized=True, name=name, dtype=dtype)
 
 
 def global_pool(x):

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-NORMS = ("batch", "group", "instance", "none")
+NORMS = ("batch", "sync_batch", "group", "instance", "none")
 # PyTorch defaults, so that published hyper-parameters transfer:
 # BatchNorm eps 1e-5, momentum 0.1 (Keras counts the other way: 0.9).
 BN_EPSILON = 1e-5
@@ -46,13 +46,16 @@ def make_norm(kind, channels, name="norm", dtype=None):
     """A normalisation layer for a ``channels``-wide channels-last map.
 
     ``batch``: BatchNormalization (eps 1e-5, momentum 0.9 = PyTorch's 0.1);
+    ``sync_batch``: the same with statistics over the global batch under
+    tf.distribute (``synchronized=True``);
     ``group``: GroupNormalization with 8 groups (fewer when 8 does not divide
     ``channels``); ``instance``: GroupNormalization with one group per channel;
     ``none``: identity.
     """
-    if kind == "batch":
+    if kind in ("batch", "sync_batch"):
         return keras.layers.BatchNormalization(
-            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name, dtype=dtype)
+            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=kind == "sync_batch",
+            name=name, dtype=dtype)
     if kind == "group":
         return keras.layers.GroupNormalization(
             groups=group_count(channels), epsilon=GN_EPSILON, name=name, dtype=dtype)

@@ -48,6 +48,13 @@ def checkpoint_for(method):
     return tf.train.Checkpoint(model=method, optimizer=method.optimizer)
 
 
+def latest_step(checkpoint_dir):
+    """Step of the newest checkpoint in ``checkpoint_dir`` (0 if none), read
+    from its name without loading it (the launcher re-seeds data with it)."""
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
 def restore_latest(method, checkpoint_dir):
     """Restores the newest checkpoint in ``checkpoint_dir`` into ``method``
     (which must be built and compiled). Returns the restored step (0 if none)."""
@@ -86,6 +93,8 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None):
         cb.PeriodicCheckpoint(manager, config.checkpoint_every, guard,
                               on_save=lambda s: run_dir.write_state(last_step=s)),
     ]
+    if hasattr(method, "extra_callbacks"):
+        callbacks = method.extra_callbacks() + callbacks
     if preview_batch is not None and hasattr(method, "summary_images"):
         callbacks.append(cb.ImageSummary(run_dir.tensorboard + "/images", preview_batch,
                                          config.image_every))

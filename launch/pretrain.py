@@ -1,0 +1,161 @@
+"""Self-supervised pre-training on preprocessed CT shards.
+
+  python launch/pretrain.py --flagfile=configs/demo.flags
+  python launch/pretrain.py --flagfile=configs/reprec.flags --data_dir=/data/ct_shards \
+      --run_dir=/runs/reprec1 [--flagfile=configs/hw/gpu1.flags]
+
+Re-running the same command on an existing --run_dir resumes from its last
+checkpoint. Flags named like a method's config fields (see
+``rr_tf.methods.<name>.Config``) set those hyper-parameters.
+"""
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import flagutil  # noqa: E402
+
+FLAGS = flags.FLAGS
+METHODS = ["reprec"]
+
+# --- run and data
+flags.DEFINE_enum("method", None, METHODS, "Pre-training method.")
+flags.DEFINE_string("data_dir", None, "Shards + manifest.json made by launch/prepare_data.py.")
+flags.DEFINE_string("run_dir", None, "Run directory (created; an existing one is resumed).")
+flags.DEFINE_integer("prepare_phantom_if_missing", 0, "If --data_dir holds no manifest, first "
+                     "generate this many phantom cases there (0 = fail instead).", lower_bound=0)
+flags.DEFINE_string("phantom_spacing", "3,3,3", "Spacing (mm) of phantoms made by "
+                    "--prepare_phantom_if_missing.")
+flags.DEFINE_boolean("overwrite", False, "Start the run directory afresh.")
+flags.DEFINE_integer("seed", 0, "Seed of weights, masking and the data stream.")
+# --- schedule
+flags.DEFINE_integer("train_steps", 1000, "Optimizer steps in total.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 4, "Global batch size (split across replicas).", lower_bound=1)
+flags.DEFINE_string("crop_size", "64,64,32", "Crop size D,H,W in voxels (each a multiple of 16 "
+                    "for RepRec's stride-16 tokens).")
+flags.DEFINE_integer("crops_per_volume", 4, "Crops cut from each decoded volume.", lower_bound=1)
+flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd", "lamb"], "Optimizer.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.", lower_bound=0.0)
+flags.DEFINE_float("weight_decay", 0.05, "Weight decay.", lower_bound=0.0)
+flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps before the cosine decay.", lower_bound=0)
+flags.DEFINE_string("init_from", None, "Start from the weights of this run directory or "
+                    "checkpoint (HPT); heads are reset.")
+# --- hardware
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy.")
+flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA: auto = on for one GPU "
+                  "or a TPU, off on CPU (slower Conv3D) and under Mirrored (unsupported).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Compute dtype; "
+                  "losses, queue and EMA stay float32.")
+# --- monitoring and checkpoints
+flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.", lower_bound=1)
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_integer("log_every", 10, "Steps between TensorBoard scalar writes.", lower_bound=1)
+flags.DEFINE_integer("image_every", 100, "Steps between TensorBoard image panels.", lower_bound=1)
+flags.DEFINE_enum("verbose", "bar", ["bar", "line", "none"], "Console progress.")
+flags.DEFINE_boolean("export", True, "Export the encoders at the end (launch/export.py).")
+
+# --- RepRec (names = rr_tf.methods.reprec.Config fields)
+flags.DEFINE_integer("base_width", 32, "UNet3D base width (channels of the first level).", lower_bound=1)
+flags.DEFINE_integer("levels", 4, "UNet3D encoder levels (RepRec adds one stride-2 stage).", lower_bound=2)
+flags.DEFINE_enum("norm", "batch", ["batch", "sync_batch", "group", "instance", "none"],
+                  "CNN normalisation (sync_batch: statistics over the global batch under "
+                  "tf.distribute).")
+flags.DEFINE_integer("proj_dim", 128, "Contrastive embedding size.", lower_bound=1)
+flags.DEFINE_integer("queue_size", 16384, "MoCo queue length (multiple of the batch size).", lower_bound=1)
+flags.DEFINE_float("temperature", 0.2, "InfoNCE temperature (MoCo v2 0.2; SimCLR uses 0.1).", lower_bound=1e-4)
+flags.DEFINE_float("momentum", 0.999, "EMA momentum of the key encoder.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("contrastive", "moco", ["moco", "simclr"], "Negatives from the queue (moco) or "
+                  "the global batch (simclr).")
+flags.DEFINE_float("mask_ratio", 0.6, "Fraction of 16^3 cells masked.", lower_bound=0.0, upper_bound=0.95)
+flags.DEFINE_enum("mask_fill", "zeros", ["zeros", "noise"], "What replaces masked voxels.")
+flags.DEFINE_float("lambda_rec", 1.0, "Weight of the representation-recovery loss.", lower_bound=0.0)
+flags.DEFINE_float("lambda_contrast", 1.0, "Weight of the contrastive loss (0 = ablation).", lower_bound=0.0)
+flags.DEFINE_enum("target", "features", ["features", "pixels"], "Recovery target (pixels = "
+                  "MAE-on-hybrid ablation).")
+flags.DEFINE_integer("transformer_dim", 384, "Transformer width.", lower_bound=8)
+flags.DEFINE_integer("transformer_depth", 6, "Transformer encoder blocks.", lower_bound=1)
+flags.DEFINE_integer("transformer_heads", 6, "Attention heads.", lower_bound=1)
+flags.DEFINE_integer("decoder_dim", 192, "Recovery decoder width.", lower_bound=8)
+flags.DEFINE_integer("decoder_depth", 2, "Recovery decoder blocks.", lower_bound=1)
+flags.DEFINE_enum("schedule", "joint", ["joint", "two_stage"], "Joint training, or the CNN first "
+                  "(contrastive only) then the transformer with the CNN frozen.")
+flags.DEFINE_integer("stage1_steps", 0, "two_stage: steps of the CNN-only stage.", lower_bound=0)
+
+flags.mark_flags_as_required(["method", "data_dir", "run_dir"])
+flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
+flagutil.register_numbers_validator("phantom_spacing", 3, positive=True)
+
+
+def method_config(cls):
+    """The method's Config with every field that has a flag of the same name."""
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(cls.Config) if f.name in FLAGS}
+    return cls.Config(**values)
+
+
+def resolved_flags():
+    """This script's flags as a flagfile (what flags.txt records)."""
+    own = FLAGS.flags_by_module_dict()[sys.argv[0]] if sys.argv[0] in FLAGS.flags_by_module_dict() \
+        else [f for m, fl in FLAGS.flags_by_module_dict().items() if m.endswith("pretrain.py") for f in fl]
+    return "".join(f.serialize() + "\n" for f in own if f.value is not None and f.serialize())
+
+
+def ensure_data():
+    from rr_tf.data import records
+
+    if os.path.exists(records.manifest_path(FLAGS.data_dir)):
+        return
+    if not FLAGS.prepare_phantom_if_missing:
+        raise ValueError(f"--data_dir={FLAGS.data_dir}: no manifest.json here; run "
+                         "launch/prepare_data.py first (or pass --prepare_phantom_if_missing=N)")
+    from rr_tf.data.prepare import PrepareConfig, prepare
+    from rr_tf.data.spec import PreprocessSpec
+
+    print(f"{FLAGS.data_dir}: no data yet; generating {FLAGS.prepare_phantom_if_missing} phantom "
+          "cases first", file=sys.stderr)
+    result = prepare(PrepareConfig(source="phantom", output_dir=FLAGS.data_dir,
+                                   num_cases=FLAGS.prepare_phantom_if_missing, seed=FLAGS.seed,
+                                   spec=PreprocessSpec(spacing=flagutil.parse_numbers(
+                                       FLAGS.phantom_spacing, 3))))
+    if not result.ok:
+        raise ValueError(f"--data_dir={FLAGS.data_dir}: phantom generation failed")
+
+
+def main(argv):
+    if len(argv) > 1:
+        flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
+    from rr_tf.errors import RrTfError
+    from rr_tf.methods import get_method
+    from rr_tf.training.loop import TrainingDiverged
+    from rr_tf.training.pretrain import PretrainConfig, run_pretraining
+
+    try:
+        cls = get_method(FLAGS.method)
+        config = PretrainConfig(
+            method=FLAGS.method, data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir,
+            method_config=method_config(cls), train_steps=FLAGS.train_steps,
+            batch_size=FLAGS.batch_size, crop_size=flagutil.parse_numbers(FLAGS.crop_size, 3, int),
+            crops_per_volume=FLAGS.crops_per_volume, optimizer=FLAGS.optimizer,
+            learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
+            warmup_steps=FLAGS.warmup_steps, init_from=FLAGS.init_from, strategy=FLAGS.strategy,
+            tpu=FLAGS.tpu, jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,
+            checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+            log_every=FLAGS.log_every, image_every=FLAGS.image_every,
+            verbose={"bar": 1, "line": 2, "none": 0}[FLAGS.verbose], export=FLAGS.export,
+            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=resolved_flags())
+        ensure_data()
+        run_pretraining(config)
+    except TrainingDiverged as err:
+        flagutil.fail(__file__, str(err), code=1)
+    except (RrTfError, ValueError) as err:
+        flagutil.fail(__file__, str(err))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,96 @@
+"""Export of the transferable parts of a trained model.
+
+For each part a method names (``method.export_parts()``: name -> keras
+model taking a volume [B, D, H, W, 1] in network units):
+
+    export/<name>.keras          the Keras model (registered classes reload)
+    export/<name>/               a TF SavedModel; signature ``serving_default``
+                                 takes float32 [B, D, H, W, 1] with any D, H, W
+                                 (multiples of the part's stride) and returns
+                                 its feature maps; ``preprocess.json`` (the
+                                 data spec) is an asset inside, and
+                                 ``spec_json`` / ``spec_hash`` are attributes
+    export/preprocess.json       the spec again, for people
+
+Every file is written under a temporary name and renamed into place.
+"""
+
+import json
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+
+class _Serving(tf.Module):
+    def __init__(self, model, spec, spec_path):
+        super().__init__()
+        self.model = model
+        self.spec_json = tf.Variable(spec.to_json(), trainable=False, dtype=tf.string)
+        self.spec_hash = tf.Variable(spec.hash, trainable=False, dtype=tf.string)
+        self.spec_asset = tf.saved_model.Asset(spec_path)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 1], tf.float32,
+                                                name="volume")])
+    def serve(self, volume):
+        out = self.model(volume, training=False)
+        if isinstance(out, dict):
+            return {k: tf.cast(v, tf.float32) for k, v in out.items()}
+        if isinstance(out, (list, tuple)):
+            return {f"output_{i}": tf.cast(v, tf.float32) for i, v in enumerate(out)}
+        return {"features": tf.cast(out, tf.float32)}
+
+
+def _replace_dir(tmp, final):
+    old = final + ".old"
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(model, export_dir, name, spec, sample=None):
+    """Writes ``<name>.keras`` and the SavedModel ``<name>/``; returns their paths."""
+    os.makedirs(export_dir, exist_ok=True)
+    if sample is not None:
+        model(sample, training=False)  # build
+    keras_path = os.path.join(export_dir, f"{name}.keras")
+    tmp = os.path.join(export_dir, f".{name}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, keras_path)
+    spec_path = os.path.join(export_dir, "preprocess.json")
+    with open(spec_path + ".tmp", "w") as f:
+        f.write(spec.to_json() + "\n")
+    os.replace(spec_path + ".tmp", spec_path)
+    saved = os.path.join(export_dir, name)
+    tmp_dir = os.path.join(export_dir, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    module = _Serving(model, spec, spec_path)
+    tf.saved_model.save(module, tmp_dir, signatures={"serving_default": module.serve})
+    _replace_dir(tmp_dir, saved)
+    return keras_path, saved
+
+
+def export_method(method, export_dir, spec, sample=None):
+    """Exports every part of ``method.export_parts()``; ``sample`` is a batch
+    from the training stream (its first view builds the parts). Returns
+    {name: (keras_path, savedmodel_path)} and writes ``export/parts.json``."""
+    volume = method.sample_volume(sample) if sample is not None else None
+    paths = {}
+    for name, model in method.export_parts().items():
+        paths[name] = export_model(model, export_dir, name, spec, volume)
+    info = {name: {"keras": os.path.basename(k), "saved_model": os.path.basename(s)}
+            for name, (k, s) in paths.items()}
+    info["spec_hash"] = spec.hash
+    with open(os.path.join(export_dir, "parts.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return paths
+
+
+def load_spec(saved_model_dir):
+    """The preprocessing spec stored inside an exported SavedModel."""
+    from rr_tf.data.spec import PreprocessSpec
+
+    loaded = tf.saved_model.load(saved_model_dir)
+    return PreprocessSpec.from_json(loaded.spec_json.numpy().decode())

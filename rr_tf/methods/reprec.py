@@ -1,0 +1,309 @@
+"""RepRec: representation recovery (WACV 2023), as decided in
+``../shared/docs/methods.md``.
+
+A CNN encoder is trained contrastively (MoCo v2: two views, projection head,
+momentum key encoder, queue, InfoNCE; SimCLR in-batch negatives as a flag)
+and supplies low-level features; a transformer, fed the CNN's stride-16
+feature map as tokens, is trained to *recover the CNN representations of
+masked cells*:
+
+1. mask: 16^3 cells of view 1 are chosen (``mask_ratio``) and their voxels
+   replaced (zeros or noise) *before* the online CNN runs, so visible tokens
+   carry nothing of the masked cells;
+2. the transformer encodes the visible tokens only (MAE style); a light
+   decoder with mask tokens + position embeddings predicts every token;
+3. target: the momentum CNN's features of the *unmasked* view 1,
+   stop-gradient, per-token LayerNorm (no affine);
+4. loss: MSE on masked tokens only.
+
+``L = lambda_contrast * L_contrast + lambda_rec * L_recover`` (joint), or a
+two-stage schedule: the CNN alone (contrastive) for ``stage1_steps``, then
+the transformer alone (recovery) with the CNN frozen.
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from rr_tf import losses
+from rr_tf.data import recipes
+from rr_tf.errors import ConfigError
+from rr_tf.methods.base import PretrainMethod
+from rr_tf.models.heads import ProjectionHead
+from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
+from rr_tf.models.momentum import MomentumEncoder, Queue, gather_from_replicas, replica_row_offset
+from rr_tf.models.parts import CNNPyramid, HybridFeatures
+from rr_tf.models.vit3d import num_visible
+
+
+@dataclasses.dataclass
+class Config:
+    """RepRec hyper-parameters (defaults: methods.md; demo flagfiles shrink them)."""
+
+    base_width: int = 32
+    levels: int = 4
+    norm: str = "batch"
+    proj_dim: int = 128
+    queue_size: int = 16384
+    temperature: float = 0.2
+    momentum: float = 0.999
+    contrastive: str = "moco"          # "moco" (queue) | "simclr" (global batch, tau 0.1)
+    mask_ratio: float = 0.6
+    mask_fill: str = "zeros"           # "zeros" | "noise"
+    lambda_rec: float = 1.0
+    lambda_contrast: float = 1.0
+    transformer_dim: int = 384
+    transformer_depth: int = 6
+    transformer_heads: int = 6
+    decoder_dim: int = 192
+    decoder_depth: int = 2
+    schedule: str = "joint"            # "joint" | "two_stage"
+    stage1_steps: int = 0
+
+
+CELL = 16  # token cell = CNN stride
+
+
+class RepRec(PretrainMethod):
+    """The RepRec pre-training model; ``train_step`` implements the objective."""
+
+    Config = Config
+    metric_names = ("loss", "loss_contrast", "loss_recover", "contrast_acc", "embedding_std")
+
+    def __init__(self, config, seed=0, **kwargs):
+        super().__init__(config, name="reprec", **kwargs)
+        self.encoder = HybridEncoder(
+            base_width=config.base_width, levels=config.levels, norm=config.norm,
+            dim=config.transformer_dim, depth=config.transformer_depth,
+            heads=config.transformer_heads, decoder_dim=config.decoder_dim,
+            decoder_depth=config.decoder_depth, decoder_heads=config.transformer_heads,
+            name="hybrid_encoder")
+        self.proj = ProjectionHead(hidden_dim=4 * config.proj_dim, out_dim=config.proj_dim,
+                                   name="projection")
+        self.queue = Queue(config.queue_size, config.proj_dim, seed=seed, name="queue")
+        self.seed = int(seed)
+        self.stage = 1 if config.schedule == "two_stage" else 0  # 0 = joint
+
+    # ------------------------------------------------------------ set-up
+    @staticmethod
+    def recipe(config, crop_size):
+        return recipes.contrastive_pair(crop_size)
+
+    @staticmethod
+    def check_config(config, run):
+        if any(c % CELL for c in run.crop_size):
+            raise ConfigError("crop_size", f"RepRec needs multiples of {CELL} (token cells), "
+                              f"got {run.crop_size}")
+        if config.contrastive not in ("moco", "simclr"):
+            raise ConfigError("contrastive", "must be 'moco' or 'simclr'")
+        if config.mask_fill not in ("zeros", "noise"):
+            raise ConfigError("mask_fill", "must be 'zeros' or 'noise'")
+        if config.schedule not in ("joint", "two_stage"):
+            raise ConfigError("schedule", "must be 'joint' or 'two_stage'")
+        if config.schedule == "two_stage" and not 0 < config.stage1_steps < run.train_steps:
+            raise ConfigError("stage1_steps", "two_stage needs 0 < stage1_steps < train_steps")
+        if config.transformer_dim % config.transformer_heads:
+            raise ConfigError("transformer_heads", "must divide transformer_dim")
+        if config.contrastive == "moco" and config.queue_size < run.batch_size:
+            raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
+        if not 0.0 < config.mask_ratio < 1.0:
+            raise ConfigError("mask_ratio", "must be in (0, 1)")
+
+    @staticmethod
+    def sample_volume(batch):
+        return batch["view1"]
+
+    def build_for(self, batch):
+        """Creates every variable (online nets, EMA copies, queue) from one batch."""
+        v = self.sample_volume(batch)
+        self.encoder.build(v.shape)
+        _, fmap = self.encoder.cnn_features(v)
+        self.proj(fmap)
+        self.cnn_ema = MomentumEncoder(self.encoder.cnn, self.config.momentum, name="cnn_ema")
+        self.proj_ema = MomentumEncoder(self.proj, self.config.momentum, name="projection_ema")
+        self.queue.build(None)
+        self(v)  # marks the model built
+        self.built = True
+        if self.optimizer is not None and not self.optimizer.built:
+            # all trainable variables up front: a two-stage run updates subsets
+            self.optimizer.build(self.trainable_variables)
+
+    def call(self, x, training=False):
+        return self.encoder(x, training=training)
+
+    # ------------------------------------------------------------ objective
+    def cell_mask(self, volume):
+        """Random cell masking of a batch: (token_mask [B,N] 1=masked,
+        ids_keep, ids_restore, voxel mask [B,D,H,W,1], grid).
+
+        The noise is drawn statelessly from (seed, step) for the *global*
+        batch and this replica takes its rows, so 1 or N replicas mask the
+        same samples the same way (argsort of uniform noise, as MAE)."""
+        grid = tuple(int(s) // CELL for s in volume.shape[1:4])
+        n = grid[0] * grid[1] * grid[2]
+        local = tf.shape(volume)[0]
+        total = tf.shape(gather_from_replicas(tf.zeros([local, 1])))[0]
+        start = replica_row_offset(volume)
+        step = tf.cast(self.optimizer.iterations, tf.int32) if self.optimizer is not None else 0
+        noise = tf.random.stateless_uniform([total, n], tf.stack([self.seed, step]))
+        noise = noise[start:start + local]
+        ids_shuffle = tf.argsort(noise, axis=1, stable=True)
+        ids_restore = tf.argsort(ids_shuffle, axis=1, stable=True)
+        keep = num_visible(n, self.config.mask_ratio)
+        ids_keep = ids_shuffle[:, :keep]
+        token_mask = tf.cast(tf.gather(tf.concat([tf.zeros([local, keep]),
+                                                  tf.ones([local, n - keep])], 1),
+                                       ids_restore, batch_dims=1), tf.float32)
+        m = tf.reshape(token_mask, (-1,) + grid + (1,))
+        for axis in (1, 2, 3):
+            m = tf.repeat(m, CELL, axis=axis)
+        return token_mask, ids_keep, ids_restore, m, grid
+
+    def masked_input(self, volume, voxel_mask):
+        if self.config.mask_fill == "noise":
+            step = tf.cast(self.optimizer.iterations, tf.int32) if self.optimizer is not None else 0
+            fill = tf.random.stateless_uniform(tf.shape(volume), tf.stack([self.seed + 1, step]),
+                                               dtype=volume.dtype)
+        else:
+            fill = ops.zeros_like(volume)
+        vm = ops.cast(voxel_mask, volume.dtype)
+        return volume * (1.0 - vm) + fill * vm
+
+    def contrastive_terms(self, v1, v2, training):
+        """(loss, logits, queries, keys) of the CNN branch."""
+        _, f1 = self.encoder.cnn_features(v1, training=training)
+        q = self.proj(f1, training=training)
+        if self.config.contrastive == "simclr":
+            _, f2 = self.encoder.cnn_features(v2, training=training)
+            z2 = self.proj(f2, training=training)
+            loss, logits = losses.nt_xent_global(
+                q, z2, gather_from_replicas(q), gather_from_replicas(z2), replica_row_offset(q),
+                temperature=0.1)
+            return loss, logits, q, None
+        k = ops.stop_gradient(self.proj_ema(self.cnn_ema(v2)[-1]))
+        loss, logits = losses.info_nce(q, k, self.queue.values(), self.config.temperature)
+        return loss, logits, q, k
+
+    def recovery_terms(self, v1, training, frozen_cnn=False):
+        """(loss, prediction, target, token_mask, masked input) of the transformer branch."""
+        token_mask, ids_keep, ids_restore, voxel_mask, grid = self.cell_mask(v1)
+        masked = self.masked_input(v1, voxel_mask)
+        _, fmap = self.encoder.cnn_features(masked, training=training and not frozen_cnn)
+        if frozen_cnn:
+            fmap = ops.stop_gradient(fmap)
+        tokens, grid = self.encoder.tokens(fmap)
+        latent = self.encoder.encode_tokens(tokens, ids_keep, training=training)
+        pred = self.encoder.decode_tokens(latent, ids_restore, grid, training=training)
+        target = losses.per_token_layernorm(
+            ops.stop_gradient(map_to_tokens(self.cnn_ema(v1)[-1])))
+        loss = losses.masked_mse(pred, target, token_mask)
+        return loss, pred, target, token_mask, masked
+
+    def _variables_for_stage(self, stage):
+        if stage == 1:   # two-stage, first stage: the CNN and its head only
+            return self.encoder.cnn.trainable_variables + self.proj.trainable_variables
+        if stage == 2:   # two-stage, second stage: the transformer side only
+            cnn = {id(v) for v in self.encoder.cnn.trainable_variables}
+            return [v for v in self.encoder.trainable_variables if id(v) not in cnn]
+        return self.trainable_variables
+
+    def train_step(self, batch):
+        v1, v2 = batch["view1"], batch["view2"]
+        cfg, stage = self.config, self.stage
+        # The momentum CNN gives the recovery targets (and MoCo's keys); MoCo
+        # updates it before computing keys. SimCLR needs no key head.
+        self.cnn_ema.update()
+        if cfg.contrastive == "moco":
+            self.proj_ema.update()
+        zero = ops.zeros(())
+        with tf.GradientTape() as tape:
+            if stage in (0, 1):
+                l_con, logits, q, k = self.contrastive_terms(v1, v2, training=True)
+            else:
+                l_con, logits, q, k = zero, None, None, None
+            if stage in (0, 2):
+                l_rec = self.recovery_terms(v1, training=True, frozen_cnn=stage == 2)[0]
+            else:
+                l_rec = zero
+            lam_c = cfg.lambda_contrast if stage != 2 else 0.0
+            lam_r = cfg.lambda_rec if stage != 1 else 0.0
+            total = lam_c * l_con + lam_r * l_rec
+            scaled = self.replica_scaled(total)
+        self.backprop(tape, scaled, self._variables_for_stage(stage))
+        if k is not None:
+            self.queue.enqueue(k)
+        if stage == 2:
+            self.cnn_ema.update(0.0)  # frozen CNN: the target follows it exactly
+        if cfg.schedule == "joint" or stage == 1:
+            acc = losses.contrastive_accuracy(logits)
+            spread = losses.embedding_std(q)
+        else:
+            acc, spread = zero, zero
+        return self.report(loss=total, loss_contrast=l_con, loss_recover=l_rec,
+                           contrast_acc=acc, embedding_std=spread)
+
+    # ------------------------------------------------------------ schedule
+    def extra_callbacks(self):
+        if self.config.schedule != "two_stage":
+            return []
+        return [_StageSwitch(self.config.stage1_steps)]
+
+    # ------------------------------------------------------------ monitoring
+    def summary_images(self, batch):
+        """Middle axial slice of the two views, the masked input, and the
+        per-token recovery error (nearest-upsampled to the view)."""
+        v1, v2 = batch["view1"][:4], batch["view2"][:4]
+        _, pred, target, token_mask, masked = self.recovery_terms(v1, training=False)
+        err = ops.mean((pred - target) ** 2, axis=-1) * token_mask          # [B, N]
+        grid = tuple(int(s) // CELL for s in v1.shape[1:4])
+        err = ops.reshape(err, (-1,) + grid + (1,))
+        for axis in (1, 2, 3):
+            err = ops.repeat(err, CELL, axis=axis)
+        err = err / (ops.max(err) + 1e-6)
+        z = v1.shape[3] // 2
+        return {"view1": v1[:, :, :, z], "view2": v2[:, :, :, z], "masked_input": masked[:, :, :, z],
+                "recovery_error": err[:, :, :, z]}
+
+    # ------------------------------------------------------------ transfer
+    def export_parts(self):
+        """The CNN pyramid (skips, strides 1-16) and the hybrid features
+        (CNN pyramid + transformer output at stride 16), for the segmenter."""
+        return {"cnn_encoder": CNNPyramid(self.encoder.cnn),
+                "hybrid_encoder": HybridFeatures(self.encoder)}
+
+    def init_from(self, path):
+        """HPT: start from another RepRec run's weights (model only; the
+        optimizer, step, queue and projection head start fresh)."""
+        latest = tf.train.latest_checkpoint(path + "/checkpoints") or tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise ConfigError("init_from", f"no checkpoint found in {path}")
+        source = tf.train.Checkpoint(model=tf.train.Checkpoint(
+            encoder=self.encoder, cnn_ema=self.cnn_ema))
+        source.read(latest).expect_partial()
+        from rr_tf.models.momentum import copy_weights
+
+        copy_weights(self.cnn_ema.target, self.encoder.cnn)
+        return f"encoder weights from {latest}; heads, queue and optimizer reset"
+
+
+class _StageSwitch(keras.callbacks.Callback):
+    """Two-stage schedule: stage 1 until ``at`` steps, then stage 2; the
+    train function is re-traced so each stage's graph only holds its work."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def _sync(self):
+        stage = 1 if int(self.model.optimizer.iterations.numpy()) < self.at else 2
+        if stage != self.model.stage:
+            self.model.stage = stage
+            self.model.make_train_function(force=True)
+
+    def on_train_begin(self, logs=None):
+        self._sync()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._sync()

@@ -1,0 +1,35 @@
+"""Optimizer + learning-rate schedule (linear warm-up then cosine decay)."""
+
+import keras
+
+from rr_tf.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "sgd", "lamb")
+
+
+def learning_rate_schedule(peak, total_steps, warmup_steps=0):
+    if warmup_steps >= total_steps:
+        raise ConfigError("warmup_steps", f"({warmup_steps}) must be smaller than train_steps "
+                          f"({total_steps})")
+    if warmup_steps == 0:
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=total_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=total_steps - warmup_steps, warmup_target=peak, warmup_steps=warmup_steps)
+
+
+def build_optimizer(name, learning_rate, total_steps, weight_decay=0.0, warmup_steps=0,
+                    momentum=0.9, mixed_precision="none"):
+    """AdamW / SGD (momentum, weight decay) / LAMB with the schedule; wrapped
+    in a loss-scale optimizer for float16."""
+    lr = learning_rate_schedule(learning_rate, total_steps, warmup_steps)
+    if name == "adamw":
+        opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay)
+    elif name == "sgd":
+        opt = keras.optimizers.SGD(lr, momentum=momentum, weight_decay=weight_decay or None)
+    elif name == "lamb":
+        opt = keras.optimizers.Lamb(lr, weight_decay=weight_decay or None)
+    else:
+        raise ConfigError("optimizer", f"must be one of {OPTIMIZERS}, got {name!r}")
+    if mixed_precision == "float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt

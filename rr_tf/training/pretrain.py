@@ -1,0 +1,110 @@
+"""One pre-training run, from shards to checkpoints, TensorBoard and export
+(the engine of ``launch/pretrain.py``; takes a config object, reads no flags)."""
+
+import dataclasses
+import os
+import sys
+
+import keras
+
+from rr_tf.data import records
+from rr_tf.data.pipeline import StreamConfig, view_dataset
+from rr_tf.errors import ConfigError
+from rr_tf.methods import get_method
+from rr_tf.training import loop, optim, strategy as st
+from rr_tf.training.run_dir import RunDir
+
+_DATA_RESEED = 1_000_003  # data seed = seed + _DATA_RESEED * resumed step
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    method: str
+    data_dir: str
+    run_dir: str
+    method_config: object = None
+    train_steps: int = 1000
+    batch_size: int = 4
+    crop_size: tuple = (64, 64, 32)
+    crops_per_volume: int = 4
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    init_from: str | None = None
+    strategy: str = "default"
+    tpu: str = ""
+    jit_compile: str = "auto"
+    mixed_precision: str = "none"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    image_every: int = 100
+    verbose: int = 1
+    export: bool = True
+    seed: int = 0
+    overwrite: bool = False
+    flags_text: str = ""
+
+    def validate(self):
+        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
+            raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
+        if self.init_from and not os.path.exists(self.init_from):
+            raise ConfigError("init_from", f"{self.init_from} does not exist")
+
+
+def run_pretraining(config, log=None):
+    """Runs (or resumes) a pre-training; returns the final metrics dict."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    config.validate()
+    manifest = records.read_manifest(config.data_dir)
+    spec = manifest["spec_obj"]
+    cls = get_method(config.method)
+    method_config = config.method_config or cls.Config()
+    cls.check_config(method_config, config)
+    run = RunDir(config.run_dir)
+    resumed = run.prepare(config.method, spec, config.train_steps, config.overwrite)
+    if config.flags_text:
+        with open(run.flags, "w") as f:
+            f.write(config.flags_text)
+    st.set_precision(config.mixed_precision)
+    strategy = st.make_strategy(config.strategy, config.tpu)
+    jit = st.resolve_jit_compile(config.jit_compile, strategy)
+    step0 = loop.latest_step(run.checkpoints)
+    keras.utils.set_random_seed(config.seed)
+    log(f"{config.method}: {'resuming at step ' + str(step0) if resumed and step0 else 'new run'} in "
+        f"{run.path}; {strategy.num_replicas_in_sync} replica(s), jit_compile={jit}, "
+        f"data {config.data_dir} ({spec.describe()})")
+    stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
+                          seed=config.seed + _DATA_RESEED * step0)
+    recipe = cls.recipe(method_config, tuple(config.crop_size))
+    dataset, _ = view_dataset(config.data_dir, "train", recipe, stream)
+    preview = next(iter(dataset))
+    with strategy.scope():
+        method = cls(method_config, seed=config.seed)
+        method.compile(optimizer=optim.build_optimizer(
+            config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
+            config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
+        method.build_for(preview)
+        if config.init_from and step0 == 0:
+            report = method.init_from(config.init_from)
+            log(f"init_from {config.init_from}: {report}")
+    hparams = dict(dataclasses.asdict(method_config), method=config.method,
+                   batch_size=config.batch_size, crop_size=str(config.crop_size),
+                   learning_rate=config.learning_rate, optimizer=config.optimizer,
+                   spec_hash=spec.hash)
+    result = loop.train(method, dataset, run,
+                        loop.TrainConfig(train_steps=config.train_steps,
+                                         checkpoint_every=config.checkpoint_every,
+                                         keep_checkpoints=config.keep_checkpoints,
+                                         log_every=config.log_every, image_every=config.image_every,
+                                         global_batch_size=config.batch_size, verbose=config.verbose),
+                        preview_batch=preview, hparams=hparams)
+    metrics = dict(result["metrics"], step=result["step"], spec_hash=spec.hash, method=config.method)
+    run.write_metrics(metrics)
+    if config.export:
+        from rr_tf.export import export_method
+
+        paths = export_method(method, run.export, spec, sample=preview)
+        log(f"exported: {', '.join(sorted(paths))} -> {run.export}")
+    return metrics

