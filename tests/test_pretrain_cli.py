@@ -1,0 +1,93 @@
+"""launch/pretrain.py as a user runs it: SIGKILL mid-run, resume with the same
+command, refuse a finished run, load the export in a fresh process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rr_tf.data.prepare import PrepareConfig, prepare
+from rr_tf.data.spec import PreprocessSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms") / "shards"
+    prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=3, phantom_shape=(64, 64, 64),
+                          spec=PreprocessSpec(spacing=None), workers=1, progress=False,
+                          val_fraction=0.0), log=lambda m: None)
+    return str(out)
+
+
+def _cmd(data_dir, run_dir, *extra):
+    return [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), "--method=reprec",
+            f"--data_dir={data_dir}", f"--run_dir={run_dir}", "--base_width=2", "--crop_size=32,32,32",
+            "--batch_size=2", "--crops_per_volume=2", "--queue_size=8", "--proj_dim=8",
+            "--transformer_dim=16", "--transformer_depth=1", "--transformer_heads=2",
+            "--decoder_dim=8", "--decoder_depth=1", "--train_steps=12", "--checkpoint_every=3",
+            "--image_every=6", "--verbose=none", "--jit_compile=false", *extra]
+
+
+def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(data_dir, run_dir), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "ckpt-3.index").exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    time.sleep(1.0)  # somewhere inside a later step (or a later save)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.load(open(run_dir / "run.json"))
+    assert not state["finished"]
+
+    res = subprocess.run(_cmd(data_dir, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at step" in res.stderr
+    resumed = int(res.stderr.split("resuming at step ")[1].split()[0])
+    assert resumed >= 3 and resumed % 3 == 0
+    state = json.load(open(run_dir / "run.json"))
+    assert state["finished"] and state["last_step"] == 12
+    metrics = json.load(open(run_dir / "metrics.json"))
+    assert metrics["step"] == 12 and np.isfinite(metrics["loss"])
+    assert (run_dir / "flags.txt").read_text().count("--train_steps=12") == 1
+    assert any(f.startswith("events.out") for f in os.listdir(run_dir / "tensorboard" / "images"))
+
+    # the same command on a finished run is refused with one line
+    res = subprocess.run(_cmd(data_dir, run_dir), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "finished run" in res.stderr and "Traceback" not in res.stderr
+
+    # export: .keras in this process vs SavedModel in a fresh one, at another size
+    import keras
+    import rr_tf.models  # noqa: F401  (registers the classes)
+    import rr_tf.models.parts  # noqa: F401
+
+    x = np.random.default_rng(0).uniform(size=(1, 48, 32, 64, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import json, sys, numpy as np, tensorflow as tf\n"
+        f"m = tf.saved_model.load({str(run_dir / 'export' / 'hybrid_encoder')!r})\n"
+        f"out = m.signatures['serving_default'](volume=tf.constant(np.load({str(tmp_path / 'x.npy')!r})))\n"
+        f"np.savez({str(tmp_path / 'y.npz')!r}, **{{k: v.numpy() for k, v in out.items()}})\n"
+        "print(json.dumps({'spec_hash': m.spec_hash.numpy().decode()}))\n")
+    res = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    served = np.load(tmp_path / "y.npz")
+    manifest = json.load(open(os.path.join(data_dir, "manifest.json")))
+    assert json.loads(res.stdout.strip().splitlines()[-1])["spec_hash"] == manifest["spec_hash"]
+    model = keras.models.load_model(run_dir / "export" / "hybrid_encoder.keras")
+    direct = model(x)
+    assert served["transformer_stride_16"].shape == (1, 3, 2, 4, 16)
+    for key, value in direct.items():
+        np.testing.assert_allclose(served[key], np.asarray(value), rtol=1e-4, atol=1e-4)
