@@ -27,6 +27,8 @@ from absl import app, flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
+flagutil.quiet_tensorflow()
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", None, ["data", "model", "e2e"], "What to measure.")
 flags.DEFINE_integer("repeats", 5, "Phantoms timed per size (median reported).", lower_bound=1)

@@ -6,6 +6,16 @@ import sys
 from absl import flags
 
 
+def quiet_tensorflow():
+    """Hides TensorFlow's C++ INFO/WARNING lines and its absl INFO lines (e.g.
+    one per checkpoint save) unless the user set TF_CPP_MIN_LOG_LEVEL.
+    Call before TensorFlow is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+
 def parse_numbers(text, count, cast=float, name="value"):
     """'1.5,1.5,2' -> (1.5, 1.5, 2.0); raises ValueError naming the flag."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]

@@ -23,6 +23,8 @@ from absl import app, flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
+flagutil.quiet_tensorflow()
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("source", None, "'phantom' for synthetic CT, or a folder of NIfTI files "

@@ -19,6 +19,8 @@ from absl import app, flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
+flagutil.quiet_tensorflow()
+
 FLAGS = flags.FLAGS
 METHODS = ["reprec"]
 

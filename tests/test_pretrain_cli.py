@@ -91,3 +91,20 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     assert served["transformer_stride_16"].shape == (1, 3, 2, 4, 16)
     for key, value in direct.items():
         np.testing.assert_allclose(served[key], np.asarray(value), rtol=1e-4, atol=1e-4)
+
+    # launch/export.py rebuilds the method from the run directory and exports again
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"),
+                          f"--run_dir={run_dir}", f"--output={tmp_path / 'exp2'}"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = keras.models.load_model(tmp_path / "exp2" / "hybrid_encoder.keras")
+    for key, value in again(x).items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(direct[key]), rtol=1e-5, atol=1e-5)
+
+    # HPT: a new run starts from this run's encoder
+    res = subprocess.run(_cmd(data_dir, tmp_path / "hpt", f"--init_from={run_dir}",
+                              "--train_steps=3", "--noexport"),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "init_from" in res.stderr and "encoder weights from" in res.stderr
+    assert "ckpt-12" in res.stderr

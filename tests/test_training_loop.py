@@ -22,7 +22,7 @@ class Regressor(keras.Model):
     def __init__(self, nan_at=None):
         super().__init__()
         self.dense = keras.layers.Dense(1)
-        self.queue = tf.Variable(tf.zeros([4]), trainable=False)  # state beyond weights
+        self.queue = self.add_weight(shape=(4,), initializer="zeros", trainable=False, name="queue")
         self.nan_at = nan_at
         self.loss_tracker = keras.metrics.Mean(name="loss")
 

@@ -112,6 +112,12 @@ class RepRec(PretrainMethod):
             raise ConfigError("mask_ratio", "must be in (0, 1)")
 
     @staticmethod
+    def example_batch(crop_size, batch_size=2):
+        """A zero batch with the structure ``train_step`` expects (to build)."""
+        shape = (batch_size,) + tuple(crop_size) + (1,)
+        return {"view1": tf.zeros(shape), "view2": tf.zeros(shape)}
+
+    @staticmethod
     def sample_volume(batch):
         return batch["view1"]
 
@@ -279,13 +285,17 @@ class RepRec(PretrainMethod):
         latest = tf.train.latest_checkpoint(path + "/checkpoints") or tf.train.latest_checkpoint(path)
         if latest is None:
             raise ConfigError("init_from", f"no checkpoint found in {path}")
-        source = tf.train.Checkpoint(model=tf.train.Checkpoint(
-            encoder=self.encoder, cnn_ema=self.cnn_ema))
-        source.read(latest).expect_partial()
         from rr_tf.models.momentum import copy_weights
+        from rr_tf.training.loop import checkpoint_variables_of
 
+        # same architecture: the keys of our own encoder variables in a full checkpoint
+        encoder_vars = {id(getattr(v, "value", v)) for v in self.encoder.weights}
+        wanted = {k: t for k, t in checkpoint_variables_of("model", self.weights).items()
+                  if id(t) in encoder_vars}
+        tf.train.Checkpoint(**wanted).read(latest).expect_partial().assert_existing_objects_matched()
         copy_weights(self.cnn_ema.target, self.encoder.cnn)
-        return f"encoder weights from {latest}; heads, queue and optimizer reset"
+        return (f"{len(wanted)} encoder variables from {latest}; heads, queue and optimizer "
+                "start fresh")
 
 
 class _StageSwitch(keras.callbacks.Callback):

@@ -42,10 +42,33 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
 
 
+def _checkpoint_variables(method):
+    """Every variable of the method (weights incl. BN statistics, EMA copies,
+    queues) and of its optimizer (step, slots), keyed by path.
+
+    Keras 3 nests models inside models (the hybrid encoder, the EMA copy of
+    the CNN), and TensorFlow's object-graph checkpoints do not reach such
+    nested models' non-trainable variables, so the checkpoint is an
+    explicit flat map instead of ``tf.train.Checkpoint(model=...)``."""
+    items = checkpoint_variables_of("model", method.weights)
+    items.update(checkpoint_variables_of("optimizer", method.optimizer.variables))
+    return items
+
+
+def checkpoint_variables_of(prefix, variables):
+    """{checkpoint key: tf variable}: ``prefix.<index>.<leaf name>``.
+
+    Keys follow the (deterministic) order of ``weights``, not the variable
+    paths: Keras paths carry process-wide auto-numbering (``dense_3``) and
+    the online and EMA copies of a network share sub-paths. A layout change
+    fails loudly on restore (count or shape mismatch, ``assert_consumed``)."""
+    return {f"{prefix}.{i:04d}.{v.path.rsplit('/', 1)[-1]}": getattr(v, "value", v)
+            for i, v in enumerate(variables)}
+
+
 def checkpoint_for(method):
-    """The tf.train.Checkpoint of a method: the model (with its EMA copies,
-    queues and heads as attributes) and its optimizer (with ``iterations``)."""
-    return tf.train.Checkpoint(model=method, optimizer=method.optimizer)
+    """The tf.train.Checkpoint of a built, compiled method."""
+    return tf.train.Checkpoint(**_checkpoint_variables(method))
 
 
 def latest_step(checkpoint_dir):
@@ -57,14 +80,16 @@ def latest_step(checkpoint_dir):
 
 def restore_latest(method, checkpoint_dir):
     """Restores the newest checkpoint in ``checkpoint_dir`` into ``method``
-    (which must be built and compiled). Returns the restored step (0 if none)."""
+    (which must be built and compiled). Returns the restored step (0 if none).
+    Raises if the checkpoint and the method do not hold exactly the same
+    variables (e.g. another architecture)."""
     latest = tf.train.latest_checkpoint(checkpoint_dir)
     if latest is None:
         return 0
     if not method.optimizer.built:
         method.optimizer.build(method.trainable_variables)
     status = checkpoint_for(method).restore(latest)
-    status.assert_existing_objects_matched()
+    status.assert_consumed()  # every saved value found its variable and vice versa
     return int(method.optimizer.iterations.numpy())
 
 
@@ -77,9 +102,11 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None):
     stays the newest one).
     """
     config.validate()
+    if not method.optimizer.built:
+        method.optimizer.build(method.trainable_variables)
+    step = restore_latest(method, run_dir.checkpoints)
     manager = tf.train.CheckpointManager(checkpoint_for(method), run_dir.checkpoints,
                                          max_to_keep=config.keep_checkpoints)
-    step = restore_latest(method, run_dir.checkpoints)
     if step >= config.train_steps:
         run_dir.write_state(last_step=step, finished=True)
         return {"step": step, "metrics": {}, "resumed_from": step}

@@ -53,6 +53,28 @@ class PretrainConfig:
             raise ConfigError("init_from", f"{self.init_from} does not exist")
 
 
+def load_trained(run_dir):
+    """Rebuilds the method of a pre-training run directory and restores its
+    newest checkpoint (for export or inspection). Returns (method, spec)."""
+    from rr_tf.data.spec import PreprocessSpec
+
+    run = RunDir(run_dir)
+    state = run.state()
+    if state is None or "method_config" not in state:
+        raise ConfigError("run_dir", f"{run.path} is not a pre-training run directory")
+    if not os.path.exists(run.spec):
+        raise ConfigError("run_dir", f"{run.spec} is missing")
+    with open(run.spec) as f:
+        spec = PreprocessSpec.from_json(f.read())
+    cls = get_method(state["method"])
+    method = cls(cls.Config(**state["method_config"]), seed=state.get("seed", 0))
+    method.compile(optimizer=optim.build_optimizer("adamw", 1e-3, 2), jit_compile=False)
+    method.build_for(cls.example_batch(tuple(state["crop_size"])))
+    if loop.restore_latest(method, run.checkpoints) == 0:
+        raise ConfigError("run_dir", f"{run.checkpoints} holds no checkpoint yet")
+    return method, spec
+
+
 def run_pretraining(config, log=None):
     """Runs (or resumes) a pre-training; returns the final metrics dict."""
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -64,6 +86,8 @@ def run_pretraining(config, log=None):
     cls.check_config(method_config, config)
     run = RunDir(config.run_dir)
     resumed = run.prepare(config.method, spec, config.train_steps, config.overwrite)
+    run.write_state(method_config=dataclasses.asdict(method_config),
+                    crop_size=list(config.crop_size), seed=config.seed)
     if config.flags_text:
         with open(run.flags, "w") as f:
             f.write(config.flags_text)
