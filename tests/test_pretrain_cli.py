@@ -106,5 +106,5 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
                               "--train_steps=3", "--noexport"),
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "init_from" in res.stderr and "encoder weights from" in res.stderr
+    assert "init_from" in res.stderr and "encoder variables from" in res.stderr
     assert "ckpt-12" in res.stderr
