@@ -197,18 +197,7 @@ def inpaint(x, seed, p=1.0, max_boxes=5, size=(1.0 / 6.0, 1.0 / 3.0), continue_p
     noise on every channel); box j+1 is drawn only if box j was, each with
     probability ``continue_p``. Applied with probability ``p``. Returns ``x``
     or ``(x, boxes)`` (see :func:`_paint_boxes`; all zero when not applied)."""
-    seed = as_seed(seed)
-    x = tf.convert_to_tensor(x)
-    shape = static_spatial_shape(x, "inpaint")
-
-    def fn(v, _):
-        boxes = _paint_boxes(sub_seed(seed, 1), shape, max_boxes, size, continue_p, False)
-        mask = boxes_mask(boxes, shape)[..., None]
-        return tf.where(mask, _noise(sub_seed(seed, 2), v), v), boxes
-
-    out, boxes = random_apply(fn, p, sub_seed(seed, 0), x, _empty_boxes(max_boxes))
-    out = tf.ensure_shape(out, x.shape)
-    return (out, boxes) if return_boxes else out
+    return _paint(x, seed, p, max_boxes, size, continue_p, return_boxes, keep_boxes=False)
 
 
 def outpaint(x, seed, p=1.0, max_boxes=5, size=(3.0 / 7.0, 4.0 / 7.0), continue_p=0.95,
@@ -218,14 +207,21 @@ def outpaint(x, seed, p=1.0, max_boxes=5, size=(3.0 / 7.0, 4.0 / 7.0), continue_
     crop's) that keep the original; the first box always, each further one
     with probability ``continue_p`` if the previous one was drawn. Applied
     with probability ``p``. Returns ``x`` or ``(x, boxes)``."""
+    return _paint(x, seed, p, max_boxes, size, continue_p, return_boxes, keep_boxes=True)
+
+
+def _paint(x, seed, p, max_boxes, size, continue_p, return_boxes, keep_boxes):
+    """In-painting (``keep_boxes=False``: noise inside the boxes) or
+    out-painting (``keep_boxes=True``: noise outside them)."""
     seed = as_seed(seed)
     x = tf.convert_to_tensor(x)
-    shape = static_spatial_shape(x, "outpaint")
+    shape = static_spatial_shape(x, "outpaint" if keep_boxes else "inpaint")
 
     def fn(v, _):
-        boxes = _paint_boxes(sub_seed(seed, 1), shape, max_boxes, size, continue_p, True)
-        mask = boxes_mask(boxes, shape)[..., None]
-        return tf.where(mask, v, _noise(sub_seed(seed, 2), v)), boxes
+        boxes = _paint_boxes(sub_seed(seed, 1), shape, max_boxes, size, continue_p, keep_boxes)
+        inside = boxes_mask(boxes, shape)[..., None]
+        noise = _noise(sub_seed(seed, 2), v)
+        return (tf.where(inside, v, noise) if keep_boxes else tf.where(inside, noise, v)), boxes
 
     out, boxes = random_apply(fn, p, sub_seed(seed, 0), x, _empty_boxes(max_boxes))
     out = tf.ensure_shape(out, x.shape)
