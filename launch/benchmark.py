@@ -7,8 +7,14 @@
       shards (plain 96^3 crops/s, PCRLv2 samples/s) with each stream's peak
       RSS, measured in a fresh process.
 
-Modes 'model' and 'e2e' arrive with the pre-training issues and are refused
-with a clear message until then.
+  python launch/benchmark.py --mode=model --method=reprec
+      train steps/s and samples/s on synthetic in-memory batches and end to
+      end from phantom shards, peak RSS, and achieved GFLOP/s (FLOPs of one
+      train step counted by TensorFlow's profiler on its graph) against this
+      machine's measured float32 matmul peak; at 64x64x32 and 96^3, for the
+      demo-size model and (64x64x32 only) the published-size model.
+
+Mode 'e2e' is refused with a clear message until fine-tuning exists.
 """
 
 import datetime
@@ -34,6 +40,11 @@ flags.DEFINE_enum("mode", None, ["data", "model", "e2e"], "What to measure.")
 flags.DEFINE_integer("repeats", 5, "Phantoms timed per size (median reported).", lower_bound=1)
 flags.DEFINE_integer("num_cases", 12, "NIfTI cases in the preprocessing throughput run.", lower_bound=2)
 flags.DEFINE_string("spacing", "3,3,3", "Target spacing of the throughput run (mm).")
+flags.DEFINE_enum("method", "reprec", ["reprec"], "Method for --mode=model.")
+flags.DEFINE_string("data_dir", "rr_tf_data/phantom_demo", "Shards for the end-to-end model "
+                    "figures (made by launch/prepare_data.py --flagfile=configs/demo_data.flags).")
+flags.DEFINE_integer("steps", 5, "Timed train steps per model figure (after one warm-up step).",
+                     lower_bound=1)
 flags.DEFINE_float("seconds", 20.0, "Seconds each stream is timed (after warm-up).", lower_bound=1.0)
 flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown file whose section for this mode "
                     "is replaced by the new results ('' = print only).")
@@ -120,16 +131,31 @@ def _stream_child(name, data_dir, seconds, queue):
     queue.put((rate, base, peak))
 
 
-def bench_stream(name, data_dir, seconds):
+def _in_child(target, *args):
+    """Runs ``target(*args, queue)`` in a fresh spawned process (so its peak
+    RSS is its own) and returns what it put on the queue; fails with one line
+    if the child dies without a result."""
     import multiprocessing
+    import queue as queue_mod
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_stream_child, args=(name, data_dir, seconds, queue))
+    proc = ctx.Process(target=target, args=args + (queue,))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                flagutil.fail(__file__, f"benchmark child {target.__name__}{args[:3]} died "
+                              f"(exit code {proc.exitcode}) without a result")
     proc.join()
     return result
+
+
+def bench_stream(name, data_dir, seconds):
+    return _in_child(_stream_child, name, data_dir, seconds)
 
 
 def run_data():
@@ -167,11 +193,92 @@ def run_data():
     return lines
 
 
+MODEL_CASES = [
+    # (label, crop, batch, config overrides)
+    ("demo-size model (base 4, transformer 96x2)", (64, 64, 32), 8,
+     dict(base_width=4, queue_size=256, proj_dim=64, transformer_dim=96, transformer_depth=2,
+          transformer_heads=4, decoder_dim=64, decoder_depth=1)),
+    ("demo-size model (base 4, transformer 96x2)", (96, 96, 96), 2,
+     dict(base_width=4, queue_size=256, proj_dim=64, transformer_dim=96, transformer_depth=2,
+          transformer_heads=4, decoder_dim=64, decoder_depth=1)),
+    ("published-size model (base 32, transformer 384x6)", (64, 64, 32), 2, dict(queue_size=256)),
+]
+
+
+def matmul_peak_gflops(n=2048, reps=10):
+    import tensorflow as tf
+
+    a = tf.random.uniform([n, n])
+    b = tf.random.uniform([n, n])
+    f = tf.function(lambda: tf.matmul(a, b))
+    f()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        f().numpy()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
+    import dataclasses
+
+    import tensorflow as tf
+    from rr_tf.data.pipeline import StreamConfig, view_dataset
+    from rr_tf.methods import get_method
+    from rr_tf.training.optim import build_optimizer
+
+    cls = get_method(method_name)
+    cfg = dataclasses.replace(cls.Config(), **overrides)
+    method = cls(cfg)
+    method.compile(optimizer=build_optimizer("adamw", 1e-4, 1000), jit_compile=False)
+    example = cls.example_batch(crop, batch)
+    synthetic = tf.nest.map_structure(lambda t: tf.random.uniform(t.shape, dtype=t.dtype), example)
+    method.build_for(synthetic)
+    step = tf.function(method.train_step)
+    concrete = step.get_concrete_function(synthetic)
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    flops = tf.compat.v1.profiler.profile(graph=concrete.graph, options=opts).total_float_ops
+
+    def timed(next_batch):
+        step(next_batch())  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            float(step(next_batch())["loss"])
+        return steps / (time.perf_counter() - t0)
+
+    synth_rate = timed(lambda: synthetic)
+    e2e_rate = None
+    if os.path.exists(os.path.join(data_dir, "manifest.json")):
+        ds, _ = view_dataset(data_dir, "train", cls.recipe(cfg, crop),
+                             StreamConfig(batch_size=batch, crops_per_volume=4))
+        it = iter(ds)
+        e2e_rate = timed(lambda: next(it))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put((synth_rate, e2e_rate, flops, peak))
+
+
+def run_model():
+    peak_gflops = matmul_peak_gflops()
+    lines = [f"| float32 matmul peak (2048^2, TF) | {peak_gflops:.1f} GFLOP/s | - |"]
+    for label, crop, batch, overrides in MODEL_CASES:
+        synth, e2e, flops, peak = _in_child(_model_child, FLAGS.method, crop, batch, overrides,
+                                            FLAGS.steps, FLAGS.data_dir)
+        gflops = flops * synth / 1e9
+        e2e_text = f"{e2e:.3f} steps/s ({e2e * batch:.2f} samples/s)" if e2e else "no shards"
+        lines.append(
+            f"| {FLAGS.method} {label}, crop {'x'.join(map(str, crop))}, batch {batch} | "
+            f"synthetic: {synth:.3f} steps/s ({synth * batch:.2f} samples/s); end to end: "
+            f"{e2e_text}; {flops / 1e9:.1f} GFLOP per step -> {gflops:.1f} GFLOP/s "
+            f"({100 * gflops / peak_gflops:.0f} % of matmul peak); peak RSS {peak:.0f} MB | - |")
+    return lines
+
+
 def write_section(path, mode, lines):
     header = [f"<!-- {mode}:begin -->", f"## `--mode={mode}`", "",
               f"Command: `python launch/benchmark.py --mode={mode} "
-              f"--repeats={FLAGS.repeats} --num_cases={FLAGS.num_cases} --spacing={FLAGS.spacing} "
-              f"--seconds={FLAGS.seconds:g}`  ",
+              + (f"--repeats={FLAGS.repeats} --num_cases={FLAGS.num_cases} "
+                 f"--spacing={FLAGS.spacing} --seconds={FLAGS.seconds:g}`  " if mode == "data" else
+                 f"--method={FLAGS.method} --steps={FLAGS.steps} --data_dir={FLAGS.data_dir}`  "),
               f"Machine: {machine()}  ",
               f"Date: {datetime.date.today().isoformat()}", "",
               "| what | measured | target |", "|---|---|---|"]
@@ -190,10 +297,10 @@ def write_section(path, mode, lines):
 
 def main(argv):
     del argv
-    if FLAGS.mode != "data":
-        flagutil.fail(__file__, f"--mode={FLAGS.mode} is not available yet (it comes with the "
-                      "model/pre-training work); only --mode=data is implemented")
-    lines = run_data()
+    if FLAGS.mode == "e2e":
+        flagutil.fail(__file__, "--mode=e2e is not available yet (it needs fine-tuning); "
+                      "use --mode=data or --mode=model")
+    lines = run_data() if FLAGS.mode == "data" else run_model()
     print("\n".join(lines))
     if FLAGS.output:
         write_section(FLAGS.output, FLAGS.mode, lines)
