@@ -101,10 +101,13 @@ def method_config(cls):
 
 
 def resolved_flags():
-    """This script's flags as a flagfile (what flags.txt records)."""
-    own = FLAGS.flags_by_module_dict()[sys.argv[0]] if sys.argv[0] in FLAGS.flags_by_module_dict() \
-        else [f for m, fl in FLAGS.flags_by_module_dict().items() if m.endswith("pretrain.py") for f in fl]
-    return "".join(f.serialize() + "\n" for f in own if f.value is not None and f.serialize())
+    """This script's flags as a flagfile that reproduces the run (what
+    flags.txt records). ``--overwrite`` is left out: replaying the file must
+    resume the run, never wipe it."""
+    own = [f for module, fl in FLAGS.flags_by_module_dict().items()
+           if module.endswith("pretrain.py") for f in fl]
+    return "".join(f.serialize() + "\n" for f in own
+                   if f.name != "overwrite" and f.value is not None and f.serialize())
 
 
 def ensure_data():

@@ -60,7 +60,8 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     assert state["finished"] and state["last_step"] == 12
     metrics = json.load(open(run_dir / "metrics.json"))
     assert metrics["step"] == 12 and np.isfinite(metrics["loss"])
-    assert (run_dir / "flags.txt").read_text().count("--train_steps=12") == 1
+    flags_txt = (run_dir / "flags.txt").read_text()
+    assert flags_txt.count("--train_steps=12") == 1 and "overwrite" not in flags_txt
     assert any(f.startswith("events.out") for f in os.listdir(run_dir / "tensorboard" / "images"))
 
     # the same command on a finished run is refused with one line
