@@ -44,12 +44,17 @@ class PreprocessedCase:
     meta: dict
 
 
+def affines_match(a, b):
+    """Same grid up to float noise of writers (1e-4 relative, 1e-3 mm)."""
+    return np.allclose(a, b, rtol=_AFFINE_RTOL, atol=_AFFINE_ATOL_MM)
+
+
 def check_label_matches(image, label):
     """Raises DataError (naming the label file) unless grids are identical."""
     if image.shape != label.shape:
         raise DataError(label.source, f"label shape {label.shape} does not match image shape "
                         f"{image.shape} ({image.source})")
-    if not np.allclose(image.affine, label.affine, rtol=_AFFINE_RTOL, atol=_AFFINE_ATOL_MM):
+    if not affines_match(image.affine, label.affine):
         diff = float(np.max(np.abs(image.affine - label.affine)))
         raise DataError(label.source, f"label affine differs from the image affine by up to "
                         f"{diff:.4g} mm ({image.source})")

@@ -161,7 +161,9 @@ def preflight(task):
         if lshape != shape:
             raise DataError(task.label, f"label shape {lshape} does not match image shape {shape} "
                             f"({task.image})")
-        if not np.allclose(affine, laffine, rtol=1e-4, atol=1e-3):
+        from rr_tf.data.preprocess import affines_match
+
+        if not affines_match(affine, laffine):
             raise DataError(task.label, f"label affine does not match the image affine ({task.image})")
 
 
