@@ -15,8 +15,7 @@ BODY_THRESHOLD_HU = -500
 
 def _crop_unit(image, box, out_size, to_unit):
     """Crop (HU) -> network units -> resize to ``out_size``."""
-    x = to_unit(views.crop(image, box, pad_value=views.PAD_HU))
-    return tf.ensure_shape(views.resize3d(x, out_size), tuple(out_size) + (1,))
+    return views.crop_resize(image, box, out_size, pad_value=views.PAD_HU, scale=to_unit)
 
 
 def _coin(seed, p):

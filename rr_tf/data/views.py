@@ -121,12 +121,15 @@ def resize3d(x, out_size, method="bilinear"):
     return tf.transpose(x, [1, 0, 2, 3])                     # [d, h, w, C]
 
 
-def crop_resize(volume, box, out_size, method="bilinear", pad_value=0.0):
-    """Crop ``box`` then resize to ``out_size`` (static ints)."""
+def crop_resize(volume, box, out_size, method="bilinear", pad_value=0.0, scale=None):
+    """Crop ``box``, apply ``scale`` (e.g. the stream's HU -> network units,
+    on the crop rather than the whole volume) or cast to float32, then
+    resize to ``out_size`` (static ints)."""
     x = crop(volume, box, pad_value)
     if x.shape.rank == 3:
         x = x[..., None]
-    x = resize3d(tf.cast(x, tf.float32), out_size, method)
+    x = scale(x) if scale is not None else tf.cast(x, tf.float32)
+    x = resize3d(x, out_size, method)
     return tf.ensure_shape(x, list(out_size) + [x.shape[-1]])
 
 
