@@ -48,3 +48,75 @@ def fail(script, message, code=2):
     """Prints one line ``script: error: message`` to stderr and exits."""
     print(f"{os.path.basename(script)}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def define_config_flags(configs, module_name=None):
+    """One flag per field of the given Config dataclasses ({owner name:
+    Config class}), named like the field, default None (= the owner's own
+    default, shown in the help), validated from the field's ``param``
+    metadata. A field shared by several owners must have one type. Returns
+    {flag name: {owner: default}}."""
+    import dataclasses
+
+    owners = {}
+    fields = {}
+    for owner, cls in configs.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            owners.setdefault(f.name, {})[owner] = default
+            if f.name in fields and type(fields[f.name][1]) is not type(default):
+                raise TypeError(f"Config field {f.name!r} has type {type(default).__name__} in "
+                                f"{owner} but {type(fields[f.name][1]).__name__} elsewhere")
+            fields.setdefault(f.name, (f, default))
+    for name, (f, default) in fields.items():
+        meta = dict(f.metadata)
+        defaults = ", ".join(f"{o}={_show(v)}" for o, v in owners[name].items())
+        help_text = f"{meta.get('help', name)} [default {defaults}]"
+        choices = meta.get("choices")
+        kwargs = {"module_name": module_name} if module_name else {}
+        if choices:
+            flags.DEFINE_enum(name, None, list(choices), help_text, **kwargs)
+        elif isinstance(default, bool):
+            flags.DEFINE_boolean(name, None, help_text, **kwargs)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, None, help_text, lower_bound=meta.get("low"),
+                                 upper_bound=meta.get("high"), **kwargs)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, None, help_text, lower_bound=meta.get("low"),
+                               upper_bound=meta.get("high"), **kwargs)
+        elif isinstance(default, tuple):
+            flags.DEFINE_string(name, None, help_text + " (comma-separated)", **kwargs)
+            cast = type(default[0]) if default else float
+            register_numbers_validator(name, len(default), cast=cast,
+                                       positive=(meta.get("low") or 0) > 0)
+        else:
+            flags.DEFINE_string(name, None, help_text, **kwargs)
+    return owners
+
+
+def config_from_flags(owner, cls, owners):
+    """``cls`` with every field whose flag was given; a given flag that
+    ``owner`` does not have raises ValueError naming it."""
+    import dataclasses
+
+    FLAGS = flags.FLAGS
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name, per_owner in owners.items():
+        value = FLAGS[name].value
+        if value is None:
+            continue
+        if name not in names:
+            raise ValueError(f"--{name} is not a parameter of {owner} (it belongs to "
+                             f"{', '.join(per_owner)})")
+        default = per_owner[owner]
+        if isinstance(default, tuple):
+            value = parse_numbers(value, len(default), type(default[0]) if default else float, name)
+        values[name] = value
+    return cls(**values)
+
+
+def _show(value):
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)

@@ -9,7 +9,6 @@ checkpoint. Flags named like a method's config fields (see
 ``rr_tf.methods.<name>.Config``) set those hyper-parameters.
 """
 
-import dataclasses
 import os
 import sys
 
@@ -21,11 +20,12 @@ from launch import flagutil  # noqa: E402
 
 flagutil.quiet_tensorflow()
 
+from rr_tf.methods import get_method, method_names  # noqa: E402
+
 FLAGS = flags.FLAGS
-METHODS = ["reprec"]
 
 # --- run and data
-flags.DEFINE_enum("method", None, METHODS, "Pre-training method.")
+flags.DEFINE_enum("method", None, list(method_names()), "Pre-training method.")
 flags.DEFINE_string("data_dir", None, "Shards + manifest.json made by launch/prepare_data.py.")
 flags.DEFINE_string("run_dir", None, "Run directory (created; an existing one is resumed).")
 flags.DEFINE_integer("prepare_phantom_if_missing", 0, "If --data_dir holds no manifest, first "
@@ -62,32 +62,9 @@ flags.DEFINE_integer("image_every", 100, "Steps between TensorBoard image panels
 flags.DEFINE_enum("verbose", "bar", ["bar", "line", "none"], "Console progress.")
 flags.DEFINE_boolean("export", True, "Export the encoders at the end (launch/export.py).")
 
-# --- RepRec (names = rr_tf.methods.reprec.Config fields)
-flags.DEFINE_integer("base_width", 32, "UNet3D base width (channels of the first level).", lower_bound=1)
-flags.DEFINE_integer("levels", 4, "UNet3D encoder levels (RepRec adds one stride-2 stage).", lower_bound=2)
-flags.DEFINE_enum("norm", "batch", ["batch", "sync_batch", "group", "instance", "none"],
-                  "CNN normalisation (sync_batch: statistics over the global batch under "
-                  "tf.distribute).")
-flags.DEFINE_integer("proj_dim", 128, "Contrastive embedding size.", lower_bound=1)
-flags.DEFINE_integer("queue_size", 16384, "MoCo queue length (multiple of the batch size).", lower_bound=1)
-flags.DEFINE_float("temperature", 0.2, "InfoNCE temperature (MoCo v2 0.2; SimCLR uses 0.1).", lower_bound=1e-4)
-flags.DEFINE_float("momentum", 0.999, "EMA momentum of the key encoder.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_enum("contrastive", "moco", ["moco", "simclr"], "Negatives from the queue (moco) or "
-                  "the global batch (simclr).")
-flags.DEFINE_float("mask_ratio", 0.6, "Fraction of 16^3 cells masked.", lower_bound=0.0, upper_bound=0.95)
-flags.DEFINE_enum("mask_fill", "zeros", ["zeros", "noise"], "What replaces masked voxels.")
-flags.DEFINE_float("lambda_rec", 1.0, "Weight of the representation-recovery loss.", lower_bound=0.0)
-flags.DEFINE_float("lambda_contrast", 1.0, "Weight of the contrastive loss (0 = ablation).", lower_bound=0.0)
-flags.DEFINE_enum("target", "features", ["features", "pixels"], "Recovery target (pixels = "
-                  "MAE-on-hybrid ablation).")
-flags.DEFINE_integer("transformer_dim", 384, "Transformer width.", lower_bound=8)
-flags.DEFINE_integer("transformer_depth", 6, "Transformer encoder blocks.", lower_bound=1)
-flags.DEFINE_integer("transformer_heads", 6, "Attention heads.", lower_bound=1)
-flags.DEFINE_integer("decoder_dim", 192, "Recovery decoder width.", lower_bound=8)
-flags.DEFINE_integer("decoder_depth", 2, "Recovery decoder blocks.", lower_bound=1)
-flags.DEFINE_enum("schedule", "joint", ["joint", "two_stage"], "Joint training, or the CNN first "
-                  "(contrastive only) then the transformer with the CNN frozen.")
-flags.DEFINE_integer("stage1_steps", 0, "two_stage: steps of the CNN-only stage.", lower_bound=0)
+# --- method hyper-parameters: one flag per field of the methods' Config
+# dataclasses (same name), default = the chosen method's published value
+METHOD_FLAGS = flagutil.define_config_flags({m: get_method(m).Config for m in method_names()})
 
 flags.mark_flags_as_required(["method", "data_dir", "run_dir"])
 flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
@@ -95,9 +72,9 @@ flagutil.register_numbers_validator("phantom_spacing", 3, positive=True)
 
 
 def method_config(cls):
-    """The method's Config with every field that has a flag of the same name."""
-    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(cls.Config) if f.name in FLAGS}
-    return cls.Config(**values)
+    """The method's Config: its published defaults, overridden by the
+    hyper-parameter flags given (a flag of another method is an error)."""
+    return flagutil.config_from_flags(FLAGS.method, cls, METHOD_FLAGS)
 
 
 def resolved_flags():
@@ -135,7 +112,6 @@ def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
     from rr_tf.errors import RrTfError
-    from rr_tf.methods import get_method
     from rr_tf.training.loop import TrainingDiverged
     from rr_tf.training.pretrain import PretrainConfig, run_pretraining
 

@@ -107,5 +107,7 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
                               "--train_steps=3", "--noexport"),
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "init_from" in res.stderr and "encoder variables from" in res.stderr
-    assert "ckpt-12" in res.stderr
+    assert "init_from" in res.stderr and "variables loaded from" in res.stderr
+    report = json.load(open(tmp_path / "hpt" / "init_from.json"))
+    assert set(report["parts"]) == {"hybrid", "unet"} and not report["shape_mismatch"]
+    assert any(k.startswith("hybrid/cnn/enc1/") for k in report["matched"])

@@ -1,20 +1,39 @@
-"""What every pre-training method shares: metric trackers, loss scaling for
-tf.distribute, and the hooks the training loop and export use."""
+"""What every pre-training method shares: hyper-parameter declarations,
+metric trackers, loss scaling for tf.distribute, HPT initialisation and the
+hooks the training loop and export use."""
+
+import dataclasses
 
 import keras
 import tensorflow as tf
+
+
+def param(default, help, choices=None, low=None, high=None):
+    """A Config field with what the launcher needs to make a validated flag
+    of the same name: ``help``, and ``choices`` or bounds ``low``/``high``
+    (inclusive). Tuples are given on the command line as ``a,b,c``."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "low": low, "high": high}
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 class PretrainMethod(keras.Model):
     """Base class: a keras.Model whose ``train_step`` implements a pretext task.
 
     Subclasses define:
-      - ``Config``: a dataclass of hyper-parameters;
+      - ``Config``: a dataclass of hyper-parameters (``param`` fields; the
+        defaults are the published values);
       - ``recipe(config, crop_size)``: the data recipe feeding ``train_step``;
+      - ``check_config(config, run)``: raise ConfigError on bad combinations;
+      - ``example_batch(crop_size, batch_size)``: a zero batch of the recipe's
+        structure; ``sample_volume(batch)``: one [B, D, H, W, 1] tensor of it;
       - ``build_for(batch)``: create every variable from one batch;
       - ``train_step(batch)``: returns ``self.report(...)``;
       - ``summary_images(batch)``: name -> images [N, H, W, C] in [0, 1];
-      - ``export_parts()``: name -> keras model of each transferable part.
+      - ``transfer_parts()``: part name -> layer, what HPT and fine-tuning
+        load (names: see ``rr_tf.transfer``);
+      - ``export_parts()``: name -> keras model of each exported part.
     """
 
     metric_names = ("loss",)
@@ -49,3 +68,33 @@ class PretrainMethod(keras.Model):
         grads = tape.gradient(scaled, variables)
         opt.apply_gradients(zip(grads, variables))
         return grads
+
+    @staticmethod
+    def sample_volume(batch):
+        """One volume batch [B, D, H, W, 1] of a recipe batch (builds parts)."""
+        if isinstance(batch, dict):
+            for key in ("view1", "image", "global1", "input"):
+                if key in batch:
+                    return batch[key]
+            return next(iter(batch.values()))
+        return batch
+
+    # ------------------------------------------------------------ HPT
+    def momentum_encoders(self):
+        """The method's MomentumEncoder attributes (re-synced after HPT)."""
+        from rr_tf.models.momentum import MomentumEncoder
+
+        return [v for v in vars(self).values() if isinstance(v, MomentumEncoder)]
+
+    def init_from(self, path):
+        """HPT: load every matching variable of the transferable parts from
+        a run directory, an export directory or a ``.keras`` file. Heads,
+        queues and the optimizer start fresh; momentum copies restart as
+        copies of the loaded online networks. Returns the TransferReport."""
+        from rr_tf.transfer import source_parts, transfer
+
+        src, _ = source_parts(path)
+        report = transfer(self.transfer_parts(), src, source=path)
+        for ema in self.momentum_encoders():
+            ema.update(0.0)
+        return report

@@ -30,9 +30,10 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod
+from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
+from rr_tf.models.layers import NORMS
 from rr_tf.models.momentum import MomentumEncoder, Queue, gather_from_replicas, replica_row_offset
 from rr_tf.models.parts import CNNPyramid, HybridFeatures
 from rr_tf.models.vit3d import num_visible
@@ -42,25 +43,30 @@ from rr_tf.models.vit3d import num_visible
 class Config:
     """RepRec hyper-parameters (defaults: methods.md; demo flagfiles shrink them)."""
 
-    base_width: int = 32
-    levels: int = 4
-    norm: str = "batch"
-    proj_dim: int = 128
-    queue_size: int = 16384
-    temperature: float = 0.2
-    momentum: float = 0.999
-    contrastive: str = "moco"          # "moco" (queue) | "simclr" (global batch, tau 0.1)
-    mask_ratio: float = 0.6
-    mask_fill: str = "zeros"           # "zeros" | "noise"
-    lambda_rec: float = 1.0
-    lambda_contrast: float = 1.0
-    transformer_dim: int = 384
-    transformer_depth: int = 6
-    transformer_heads: int = 6
-    decoder_dim: int = 192
-    decoder_depth: int = 2
-    schedule: str = "joint"            # "joint" | "two_stage"
-    stage1_steps: int = 0
+    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
+    levels: int = param(4, "UNet3D encoder levels (RepRec adds one stride-2 stage).", low=2)
+    norm: str = param("batch", "CNN normalisation (sync_batch: statistics over the global batch "
+                      "under tf.distribute).", choices=NORMS)
+    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
+    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
+    temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
+    momentum: float = param(0.999, "EMA momentum of the key / target encoder.", low=0.0, high=1.0)
+    contrastive: str = param("moco", "Negatives from the queue (moco) or the global batch "
+                             "(simclr, tau 0.1).", choices=("moco", "simclr"))
+    mask_ratio: float = param(0.6, "Fraction of tokens (16^3 cells) masked.", low=0.0, high=0.95)
+    mask_fill: str = param("zeros", "What replaces the voxels of masked cells.",
+                           choices=("zeros", "noise"))
+    lambda_rec: float = param(1.0, "Weight of the representation-recovery loss.", low=0.0)
+    lambda_contrast: float = param(1.0, "Weight of the contrastive loss (0 = ablation).", low=0.0)
+    transformer_dim: int = param(384, "Transformer width.", low=8)
+    transformer_depth: int = param(6, "Transformer encoder blocks.", low=1)
+    transformer_heads: int = param(6, "Attention heads (divides the width).", low=1)
+    decoder_dim: int = param(192, "Width of the recovery decoder.", low=8)
+    decoder_depth: int = param(2, "Blocks of the recovery decoder.", low=1)
+    schedule: str = param("joint", "Joint training, or two_stage: the CNN alone (contrastive) "
+                          "then the transformer with the CNN frozen.",
+                          choices=("joint", "two_stage"))
+    stage1_steps: int = param(0, "two_stage: steps of the CNN-only stage.", low=0)
 
 
 CELL = 16  # token cell = CNN stride
@@ -116,10 +122,6 @@ class RepRec(PretrainMethod):
         """A zero batch with the structure ``train_step`` expects (to build)."""
         shape = (batch_size,) + tuple(crop_size) + (1,)
         return {"view1": tf.zeros(shape), "view2": tf.zeros(shape)}
-
-    @staticmethod
-    def sample_volume(batch):
-        return batch["view1"]
 
     def build_for(self, batch):
         """Creates every variable (online nets, EMA copies, queue) from one batch."""
@@ -279,23 +281,10 @@ class RepRec(PretrainMethod):
         return {"cnn_encoder": CNNPyramid(self.encoder.cnn),
                 "hybrid_encoder": HybridFeatures(self.encoder)}
 
-    def init_from(self, path):
-        """HPT: start from another RepRec run's weights (model only; the
-        optimizer, step, queue and projection head start fresh)."""
-        latest = tf.train.latest_checkpoint(path + "/checkpoints") or tf.train.latest_checkpoint(path)
-        if latest is None:
-            raise ConfigError("init_from", f"no checkpoint found in {path}")
-        from rr_tf.models.momentum import copy_weights
-        from rr_tf.training.loop import checkpoint_variables_of
-
-        # same architecture: the keys of our own encoder variables in a full checkpoint
-        encoder_vars = {id(getattr(v, "value", v)) for v in self.encoder.weights}
-        wanted = {k: t for k, t in checkpoint_variables_of("model", self.weights).items()
-                  if id(t) in encoder_vars}
-        tf.train.Checkpoint(**wanted).read(latest).expect_partial().assert_existing_objects_matched()
-        copy_weights(self.cnn_ema.target, self.encoder.cnn)
-        return (f"{len(wanted)} encoder variables from {latest}; heads, queue and optimizer "
-                "start fresh")
+    def transfer_parts(self):
+        """HPT and fine-tuning load the hybrid encoder (CNN + transformer);
+        its CNN alone is also offered as a UNet3D encoder."""
+        return {"hybrid": self.encoder, "unet": self.encoder.cnn}
 
 
 class _StageSwitch(keras.callbacks.Callback):

@@ -24,6 +24,9 @@ class CNNPyramid(keras.Model):
         pyramid = self.cnn.encode(x, training=training)
         return dict(zip(_stride_names(self.cnn.strides), pyramid))
 
+    def transfer_parts(self):
+        return {"unet": self.cnn}
+
     def get_config(self):
         config = super().get_config()
         config["cnn"] = keras.saving.serialize_keras_object(self.cnn)
@@ -50,6 +53,9 @@ class HybridFeatures(keras.Model):
         out["cnn_stride_16"] = fmap
         out["transformer_stride_16"] = tokens_to_map(latent, grid)
         return out
+
+    def transfer_parts(self):
+        return {"hybrid": self.encoder, "unet": self.encoder.cnn}
 
     def get_config(self):
         config = super().get_config()

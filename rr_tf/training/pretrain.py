@@ -112,7 +112,8 @@ def run_pretraining(config, log=None):
         method.build_for(preview)
         if config.init_from and step0 == 0:
             report = method.init_from(config.init_from)
-            log(f"init_from {config.init_from}: {report}")
+            report.save(os.path.join(run.path, "init_from.json"))
+            log(f"init_from: {report.summary()}; details in {run.path}/init_from.json")
     hparams = dict(dataclasses.asdict(method_config), method=config.method,
                    batch_size=config.batch_size, crop_size=str(config.crop_size),
                    learning_rate=config.learning_rate, optimizer=config.optimizer,

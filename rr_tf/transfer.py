@@ -1,0 +1,150 @@
+"""Moving weights between models: pre-training -> pre-training (HPT,
+``--init_from``) and pre-training -> fine-tuning (``load_pretrained``).
+
+Both sides present their transferable networks as *parts*: a dict
+``{part name: keras layer}`` from ``transfer_parts()`` (methods, the export
+wrappers in ``rr_tf.models.parts``, the segmenters). Standard part names:
+
+    unet     a UNet3D (encoder only or encoder + decoder)
+    hybrid   RepRec's HybridEncoder (CNN + transformer)
+    vit      a ViT3D encoder
+    unet2d   a 2D U-Net (sequential multi-task)
+
+Inside a part, variables are keyed by their Keras path *below the part's own
+layer name* (``enc1/unit1/conv/kernel``): explicit layer names make these
+keys independent of where the part sits (inside a method, an export wrapper
+or a segmenter) and of Keras' process-wide auto-numbering. Variables match
+when part, key and shape agree; everything else is reported.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from rr_tf.errors import ConfigError
+
+
+def variables_by_key(layer):
+    """{key below ``layer.name``: variable} of every weight of ``layer``."""
+    out = {}
+    for v in layer.weights:
+        parts = v.path.split("/")
+        start = parts.index(layer.name) + 1 if layer.name in parts else 1
+        key = "/".join(parts[start:]) or parts[-1]
+        if key in out:
+            raise ValueError(f"{layer.name}: two variables share the key {key!r}")
+        out[key] = v
+    return out
+
+
+@dataclasses.dataclass
+class TransferReport:
+    """What a transfer did, per variable: ``part/key`` strings."""
+
+    source: str
+    matched: list = dataclasses.field(default_factory=list)
+    missing: list = dataclasses.field(default_factory=list)       # in the model, not the source
+    unexpected: list = dataclasses.field(default_factory=list)    # in the source, not the model
+    shape_mismatch: list = dataclasses.field(default_factory=list)  # "part/key: model (..) vs source (..)"
+    parts: list = dataclasses.field(default_factory=list)          # parts present on both sides
+
+    def summary(self):
+        return (f"{len(self.matched)} variables loaded from {self.source} (parts: "
+                f"{', '.join(self.parts) or 'none'}); {len(self.missing)} missing (kept "
+                f"initial values), {len(self.unexpected)} unused, "
+                f"{len(self.shape_mismatch)} shape mismatches")
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    def save(self, path):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
+
+
+def transfer(dst_parts, src_parts, source="source", parts=None):
+    """Copies every matching variable of ``src_parts`` into ``dst_parts``
+    (dicts of part name -> layer; ``parts`` restricts the names). Returns a
+    TransferReport; raises ConfigError if nothing matches."""
+    names = [n for n in dst_parts if n in src_parts and (parts is None or n in parts)]
+    if parts is not None:
+        unknown = sorted(set(parts) - set(dst_parts))
+        if unknown:
+            raise ConfigError("parts", f"the model has no part {unknown} (it has "
+                              f"{sorted(dst_parts)})")
+    report = TransferReport(source=str(source), parts=names)
+    for name in sorted(set(dst_parts) - set(names)):
+        report.missing += [f"{name}/{k}" for k in variables_by_key(dst_parts[name])]
+    for name in sorted(set(src_parts) - set(names)):
+        report.unexpected += [f"{name}/{k}" for k in variables_by_key(src_parts[name])]
+    done = set()  # a variable reachable from two parts (hybrid and its unet) counts once
+    for name in names:
+        dst, src = variables_by_key(dst_parts[name]), variables_by_key(src_parts[name])
+        for key, var in dst.items():
+            tag = f"{name}/{key}"
+            if id(var) in done:
+                continue
+            done.add(id(var))
+            if key not in src:
+                report.missing.append(tag)
+                continue
+            value = np.asarray(src[key].numpy() if hasattr(src[key], "numpy") else src[key])
+            if tuple(value.shape) != tuple(var.shape):
+                report.shape_mismatch.append(f"{tag}: model {tuple(var.shape)} vs source "
+                                             f"{tuple(value.shape)}")
+                continue
+            var.assign(value.astype(var.dtype))
+            report.matched.append(tag)
+        report.unexpected += [f"{name}/{k}" for k in src if k not in dst]
+    if not report.matched:
+        raise ConfigError("init_from", f"{source}: no variable matches the model (model parts "
+                          f"{sorted(dst_parts)}, source parts {sorted(src_parts)}; "
+                          f"{len(report.shape_mismatch)} shape mismatches)")
+    return report
+
+
+def source_parts(path):
+    """(parts dict, spec or None) of a pre-training run directory, an export
+    directory (``parts.json``), or one exported ``.keras`` file."""
+    import keras
+
+    import rr_tf.models  # noqa: F401  (registers the classes)
+    import rr_tf.models.parts  # noqa: F401
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "run.json")):
+        from rr_tf.training.pretrain import load_trained
+
+        method, spec = load_trained(path)
+        return method.transfer_parts(), spec
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "parts.json")):
+        with open(os.path.join(path, "parts.json")) as f:
+            info = json.load(f)
+        parts = {}
+        for name, entry in info.items():
+            if isinstance(entry, dict) and "keras" in entry:
+                parts.update(_parts_of(keras.saving.load_model(os.path.join(path, entry["keras"]))))
+        return parts, _spec_next_to(path)
+    if os.path.isfile(path) and path.endswith(".keras"):
+        return _parts_of(keras.saving.load_model(path)), _spec_next_to(os.path.dirname(path))
+    raise ConfigError("init_from", f"{path}: not a pre-training run directory (run.json), an "
+                      "export directory (parts.json) or a .keras file")
+
+
+def _parts_of(model):
+    if hasattr(model, "transfer_parts"):
+        return model.transfer_parts()
+    return {model.name: model}
+
+
+def _spec_next_to(directory):
+    from rr_tf.data.spec import PreprocessSpec
+
+    path = os.path.join(directory, "preprocess.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return PreprocessSpec.from_json(f.read())
