@@ -1,0 +1,649 @@
+r"""Score predicted label maps against reference label maps: Dice, HD95, volumes.
+
+Examples:
+  python launch/evaluate.py --pred=runs/ft/predictions --ref=/data/ct/labels \
+      --output=runs/ft/evaluation --image=/data/ct/images
+  python launch/evaluate.py --pred=case_07_pred.nii.gz --ref=case_07.nii.gz \
+      --labels=1,2,3 --label_names=liver,spleen,kidney_right
+
+--pred and --ref are both NIfTI files, or both folders whose files are
+matched by case name (the file name without .nii / .nii.gz). Every
+prediction must lie on its reference's grid (same shape and affine): write
+predictions back in the reference geometry (launch/infer.py does).
+
+Writes to --output (each file atomically):
+  per_case.csv  one row per case and label: status, dice, hd95_mm, pred_ml, ref_ml
+  summary.csv   one row per label (n, mean and std of Dice and HD95, counts of
+                missed / false-positive cases), then 'overall' (statistics of
+                the per-case means) and 'class_mean' (mean of the label means)
+  metrics.json  all of the above, per-case means, paths and the definitions
+  overlays.png  a few cases (worst to best mean Dice), one row each, an axial
+                slice: image | reference | prediction (white = reference
+                contour) | errors (green right, red wrong label, blue missed)
+The summary table is printed either way. Definitions and the empty-mask
+conventions (both empty: not scored; one empty: Dice 0, HD95 = image
+diagonal in mm) are in rr_tf/metrics.py.
+
+Exit status: 0 on success; 2 on an invalid flag or an unusable input, with
+one line on stderr naming the flag or file and the reason.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import struct
+import sys
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import flagutil  # noqa: E402
+
+flagutil.quiet_tensorflow()
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("pred", None, "Predicted label map: a NIfTI file, or a folder of them "
+                    "matched to --ref by case name.")
+flags.DEFINE_string("ref", None, "Reference (ground-truth) label map: a NIfTI file, or a folder "
+                    "of them (the case list).")
+flags.DEFINE_string("output", None, "Folder for per_case.csv, summary.csv, metrics.json and "
+                    "overlays.png (created if needed). Without it only the table is printed.")
+flags.DEFINE_string("labels", None, "Comma-separated label values to score, e.g. 1,2,3 "
+                    "(default: every non-zero value found in the references).")
+flags.DEFINE_string("label_names", None, "Names of the scored labels: 'phantom' (the names of "
+                    "the built-in phantom, rr_tf.data.phantom.LABEL_NAMES), names in the order "
+                    "of the labels ('liver,spleen'), or pairs ('1=liver,2=spleen'). Default "
+                    "label_<value>.")
+flags.DEFINE_string("image", None, "Optional CT image (file or folder matched by case name) "
+                    "drawn under the overlays; must be on the reference grid. HU images are "
+                    "shown with the abdominal window (W400 L40), others with their 1-99 "
+                    "percentile range.")
+flags.DEFINE_integer("figure_cases", 4, "Cases shown in overlays.png (spread from worst to best "
+                     "mean Dice); 0 = no figure.", lower_bound=0)
+flags.DEFINE_boolean("ignore_affine", False, "Compare only the shapes of prediction and "
+                     "reference, not their affines (for predictions written by tools that drop "
+                     "the geometry).")
+flags.DEFINE_boolean("allow_missing", False, "Score a reference case without a prediction as an "
+                     "empty prediction (default: stop with an error).")
+flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
+
+flags.mark_flags_as_required(["pred", "ref"])
+
+
+def _check_labels(value):
+    if value is None:
+        return True
+    try:
+        parse_labels(value)
+    except ValueError as err:
+        raise flags.ValidationError(str(err))
+    return True
+
+
+def _check_label_names(value):
+    if value is None or value == "phantom":
+        return True
+    items = [p.strip() for p in value.split(",")]
+    if not all(items):
+        raise flags.ValidationError(f"--label_names has an empty name in {value!r}")
+    pairs = ["=" in p for p in items]
+    if any(pairs) and not all(pairs):
+        raise flags.ValidationError("--label_names: use either names or label=name pairs, "
+                                    f"not both ({value!r})")
+    if all(pairs):
+        for p in items:
+            key = p.split("=", 1)[0].strip()
+            if not key.isdigit() or not p.split("=", 1)[1].strip():
+                raise flags.ValidationError(f"--label_names: {p!r} is not label=name")
+    return True
+
+
+flags.register_validator("labels", _check_labels)
+flags.register_validator("label_names", _check_label_names)
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+           (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+           (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128)]
+PANEL_HEIGHT = 160
+
+
+def parse_labels(text):
+    """'1,2,5' -> [1, 2, 5]; ValueError naming the flag."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        labels = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--labels needs comma-separated integers, got {text!r}") from None
+    if not labels:
+        raise ValueError(f"--labels needs at least one label, got {text!r}")
+    bad = [v for v in labels if not 1 <= v <= 255]
+    if bad:
+        raise ValueError(f"--labels values must be in 1..255 (0 is background), got {bad[0]}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--labels has duplicates: {text!r}")
+    return labels
+
+
+def label_names(spec, labels):
+    """{label: name} from --label_names (see its help)."""
+    from rr_tf.errors import ConfigError
+
+    names = {k: f"label_{k}" for k in labels}
+    if spec is None:
+        return names
+    if spec == "phantom":
+        from rr_tf.data.phantom import LABEL_NAMES
+
+        names.update({k: LABEL_NAMES[k] for k in labels if k in LABEL_NAMES})
+    else:
+        items = [p.strip() for p in spec.split(",")]
+        if "=" in items[0]:
+            for p in items:
+                key, name = (s.strip() for s in p.split("=", 1))
+                if int(key) not in names:
+                    raise ConfigError("--label_names", f"label {key} is not scored "
+                                      f"(scored: {','.join(map(str, labels))})")
+                names[int(key)] = name
+        elif len(items) != len(labels):
+            raise ConfigError("--label_names", f"{len(items)} names for {len(labels)} labels "
+                              f"({','.join(map(str, labels))})")
+        else:
+            names = dict(zip(labels, items))
+    if len(set(names.values())) != len(names):
+        raise ConfigError("--label_names", f"names are not unique: {sorted(names.values())}")
+    return names
+
+
+# --- inputs ------------------------------------------------------------------
+
+def list_cases(path, flag):
+    """{case name: file} of a NIfTI file or a folder of them."""
+    from rr_tf.data.nifti import case_name, is_nifti
+    from rr_tf.errors import ConfigError, DataError
+
+    if os.path.isfile(path):
+        if not is_nifti(path):
+            raise DataError(path, "not a NIfTI file (.nii or .nii.gz)")
+        return {case_name(path): path}
+    if not os.path.isdir(path):
+        raise ConfigError(f"--{flag}", f"{path!r} does not exist")
+    cases = {}
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        if entry.startswith(".") or not os.path.isfile(full) or not is_nifti(entry):
+            continue
+        name = case_name(entry)
+        if name in cases:
+            raise DataError(full, f"two files for case {name!r} in the folder "
+                            f"({os.path.basename(cases[name])})")
+        cases[name] = full
+    if not cases:
+        raise DataError(path, "folder holds no NIfTI files (.nii, .nii.gz)")
+    return cases
+
+
+def match_cases(pred, ref, allow_missing, warnings):
+    """[(case, pred file or None, ref file)] in case-name order."""
+    from rr_tf.errors import ConfigError, DataError
+
+    if os.path.isfile(pred) != os.path.isfile(ref) and os.path.exists(pred) and os.path.exists(ref):
+        raise ConfigError("--pred/--ref", "must both be NIfTI files or both be folders")
+    refs = list_cases(ref, "ref")
+    preds = list_cases(pred, "pred")
+    if os.path.isfile(ref):  # two files: paired whatever their names
+        return [(next(iter(refs)), next(iter(preds.values())), next(iter(refs.values())))]
+    missing = [name for name in refs if name not in preds]
+    if missing and not allow_missing:
+        raise DataError(refs[missing[0]], f"no prediction for case {missing[0]!r} in {pred} "
+                        f"({len(missing)} of {len(refs)} cases lack one); pass --allow_missing "
+                        "to score them as empty predictions")
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        warnings.append(f"{len(extra)} predictions have no reference and are ignored: "
+                        f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    if missing:
+        warnings.append(f"{len(missing)} cases have no prediction and are scored as empty: "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return [(name, preds.get(name), refs[name]) for name in refs]
+
+
+def check_grid(vol, grid, what, ignore_affine):
+    """DataError naming ``vol``'s file unless it lies on the reference
+    ``grid`` = (shape, affine, reference file)."""
+    from rr_tf.data.preprocess import affines_match
+    from rr_tf.errors import DataError
+
+    shape, affine, source = grid
+    if vol.shape != tuple(shape):
+        raise DataError(vol.source, f"{what} shape {vol.shape} does not match the reference "
+                        f"shape {tuple(shape)} ({source})")
+    if not ignore_affine and not affines_match(vol.affine, affine):
+        diff = float(abs(vol.affine - affine).max())
+        raise DataError(vol.source, f"{what} affine differs from the reference affine by up to "
+                        f"{diff:.4g} mm ({source}); write it on the reference grid or "
+                        "pass --ignore_affine")
+
+
+# --- scoring -----------------------------------------------------------------
+
+def score(pairs, labels, ignore_affine, progress):
+    """Reads and scores every case; returns (results, present_ref, present_pred, views, meta)."""
+    import numpy as np
+
+    from rr_tf.data.nifti import read_nifti
+    from rr_tf.metrics import evaluate_case
+    from rr_tf.utils.progress import Progress
+
+    results, views, meta = {}, {}, {}
+    present_ref, present_pred = set(), set()
+    bar = Progress(len(pairs), "cases", enabled=progress)
+    for name, pred_path, ref_path in pairs:
+        ref = read_nifti(ref_path, kind="label")
+        if pred_path is not None:
+            pred = read_nifti(pred_path, kind="label")
+            check_grid(pred, (ref.shape, ref.affine, ref.source), "prediction", ignore_affine)
+            pred_arr = pred.array
+        else:
+            pred_arr = np.zeros(ref.shape, np.uint8)
+        ref_values = set(np.unique(ref.array).tolist()) - {0}
+        pred_values = set(np.unique(pred_arr).tolist()) - {0}
+        present_ref |= ref_values
+        present_pred |= pred_values
+        case_labels = labels if labels is not None else sorted(ref_values | pred_values)
+        results[name] = evaluate_case(pred_arr, ref.array, ref.spacing, case_labels)
+        views[name] = axial_view(ref.array, pred_arr, ref.affine)
+        views[name]["grid"] = (ref.shape, ref.affine, ref.source)
+        meta[name] = {"pred": pred_path, "ref": ref_path, "shape": list(ref.shape),
+                      "spacing": list(ref.spacing)}
+        bar.update()
+    bar.close()
+    return results, present_ref, present_pred, views, meta
+
+
+def complete(results, labels):
+    """Every case gets every scored label (absent where it was not computed:
+    then neither its reference nor its prediction held it) and no other."""
+    from rr_tf.metrics import ClassResult
+
+    nan = float("nan")
+    return {case: {k: res.get(k, ClassResult(nan, nan, 0.0, 0.0, "absent")) for k in labels}
+            for case, res in results.items()}
+
+
+# --- figure ------------------------------------------------------------------
+
+def axial_view(ref, pred, affine):
+    """Canonical (RAS) axial slice through the middle of the reference
+    foreground (prediction's if the reference is empty): a dict with the 2D
+    label slices, the slice index and the in-plane spacing."""
+    import numpy as np
+
+    from rr_tf.data.preprocess import to_canonical
+
+    ref_c, aff_c = to_canonical(ref, affine)
+    pred_c, _ = to_canonical(pred, affine)
+    k = ref_c.shape[2] // 2
+    for arr in (ref_c, pred_c):
+        idx = np.flatnonzero(arr.any(axis=(0, 1)))
+        if idx.size:
+            k = int((idx[0] + idx[-1]) // 2)
+            break
+    spacing = np.linalg.norm(aff_c[:3, :3], axis=0)
+    return {"ref": ref_c[:, :, k].copy(), "pred": pred_c[:, :, k].copy(), "k": k,
+            "spacing": (float(spacing[0]), float(spacing[1]))}
+
+
+def _display(a):
+    """[x, y] RAS slice -> rows anterior at the top, patient's right on the
+    viewer's left (radiological convention)."""
+    return a.T[::-1, ::-1]
+
+
+def _resize_nearest(a, height, width):
+    import numpy as np
+
+    rows = ((np.arange(height) + 0.5) * a.shape[0] / height).astype(int)
+    cols = ((np.arange(width) + 0.5) * a.shape[1] / width).astype(int)
+    return a[rows][:, cols]
+
+
+def _colour(labels2d, keep):
+    import numpy as np
+
+    rgb = np.zeros(labels2d.shape + (3,), np.float32)
+    for k in keep:
+        rgb[labels2d == k] = np.asarray(PALETTE[(k - 1) % len(PALETTE)], np.float32) / 255.0
+    return rgb
+
+
+def render_case(view, labels, image2d=None):
+    """One figure row (float RGB in [0, 1]): [image |] reference | prediction
+    with the reference contour | errors."""
+    import numpy as np
+
+    keep = list(labels)
+    ref = np.where(np.isin(view["ref"], keep), view["ref"], 0)
+    pred = np.where(np.isin(view["pred"], keep), view["pred"], 0)
+    sx, sy = view["spacing"]
+    nx, ny = ref.shape
+    height = PANEL_HEIGHT
+    width = int(np.clip(round(height * (nx * sx) / (ny * sy)), 32, 4 * height))
+    ref = _resize_nearest(_display(ref), height, width)
+    pred = _resize_nearest(_display(pred), height, width)
+    if image2d is not None:
+        img = _resize_nearest(_display(image2d.astype(np.float32)), height, width)
+        if img.min() <= -500:  # CT in HU (air present): abdominal window W400 L40
+            lo, hi = -160.0, 240.0
+        else:
+            lo, hi = np.percentile(img, [1, 99])
+        gray = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    else:
+        gray = np.zeros((height, width), np.float32)
+    base = np.repeat(gray[..., None], 3, axis=-1)
+    alpha = 0.55
+
+    def overlay(lab):
+        out = base.copy()
+        fg = lab > 0
+        out[fg] = (1 - alpha) * base[fg] + alpha * _colour(lab, keep)[fg]
+        return out
+
+    ref_panel = overlay(ref)
+    pred_panel = overlay(pred)
+    contour = np.zeros_like(ref, bool)
+    contour[:-1] |= ref[:-1] != ref[1:]
+    contour[:, :-1] |= ref[:, :-1] != ref[:, 1:]
+    pred_panel[contour] = 1.0
+    err = 0.5 * base
+    err[(ref > 0) & (pred == ref)] = (0.1, 0.8, 0.2)
+    err[(pred > 0) & (pred != ref)] = (0.9, 0.1, 0.1)
+    err[(ref > 0) & (pred == 0)] = (0.1, 0.3, 1.0)
+    panels = ([base] if image2d is not None else []) + [ref_panel, pred_panel, err]
+    return panels
+
+
+def figure_grid(rows, gap=4, background=0.16):
+    """Panels (list per row) -> one uint8 RGB image with gaps."""
+    import numpy as np
+
+    width = max(sum(p.shape[1] for p in row) + gap * (len(row) + 1) for row in rows)
+    height = sum(row[0].shape[0] for row in rows) + gap * (len(rows) + 1)
+    canvas = np.full((height, width, 3), background, np.float32)
+    y = gap
+    for row in rows:
+        x = gap
+        for panel in row:
+            h, w = panel.shape[:2]
+            canvas[y:y + h, x:x + w] = panel
+            x += w + gap
+        y += row[0].shape[0] + gap
+    return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def encode_png(rgb):
+    """uint8 [H, W, 3] -> PNG bytes (8-bit truecolour, zlib; no TF/PIL needed)."""
+    import numpy as np
+
+    rgb = np.ascontiguousarray(rgb, np.uint8)
+    h, w = rgb.shape[:2]
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1)
+
+    def chunk(tag, data):
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
+
+
+def pick_figure_cases(per_case_means, count):
+    """``count`` cases spread from the worst to the best mean Dice."""
+    import numpy as np
+
+    order = sorted(per_case_means, key=lambda c: (math.isnan(per_case_means[c]["dice"]),
+                                                   per_case_means[c]["dice"], c))
+    if count >= len(order):
+        return order
+    idx = np.unique(np.round(np.linspace(0, len(order) - 1, count)).astype(int))
+    return [order[i] for i in idx]
+
+
+def image_for_case(case, warnings):
+    """The --image volume of ``case``, or None (not given / not in the folder).
+    A single --image file goes with the single case (checked in main)."""
+    from rr_tf.data.nifti import read_nifti
+
+    if FLAGS.image is None:
+        return None
+    if os.path.isfile(FLAGS.image):
+        return read_nifti(FLAGS.image, kind="image")
+    images = list_cases(FLAGS.image, "image")
+    if case not in images:
+        warnings.append(f"no image for case {case!r} in {FLAGS.image}; overlay drawn on black")
+        return None
+    return read_nifti(images[case], kind="image")
+
+
+def make_figure(chosen, views, labels, names, warnings):
+    """(description dict, PNG bytes) of the overlay grid, one row per case."""
+    import numpy as np
+
+    from rr_tf.data.preprocess import to_canonical
+
+    rows = []
+    for case in chosen:
+        image = image_for_case(case, warnings)
+        image2d = None
+        if image is not None:
+            check_grid(image, views[case]["grid"], "image", FLAGS.ignore_affine)
+            image2d = to_canonical(image.array, image.affine)[0][:, :, views[case]["k"]]
+        rows.append(render_case(views[case], labels, image2d))
+    with_image = any(len(r) == 4 for r in rows)
+    if with_image:  # a case without its image gets a black image panel
+        rows = [r if len(r) == 4 else [np.zeros_like(r[0])] + r for r in rows]
+    columns = (["image"] if with_image else []) + [
+        "reference", "prediction (white: reference contour)",
+        "errors (green right, red wrong label, blue missed)"]
+    figure = {"file": "overlays.png", "rows": chosen, "columns": columns,
+              "slice": "axial (RAS canonical) through the middle of the reference foreground; "
+                       "anterior up, patient's right on the left",
+              "slice_index": {c: views[c]["k"] for c in chosen},
+              "colours": {names[k]: list(PALETTE[(k - 1) % len(PALETTE)]) for k in labels}}
+    return figure, encode_png(figure_grid(rows))
+
+
+# --- output ------------------------------------------------------------------
+
+def atomic_write(path, data):
+    """Writes bytes or text under a temporary name, then renames."""
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _num(v):
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _json_ready(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def per_case_csv(results, names):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "label", "name", "status", "dice", "hd95_mm", "pred_ml", "ref_ml"])
+    for case, res in results.items():
+        for k, r in res.items():
+            w.writerow([case, k, names[k], r.status, _num(r.dice), _num(r.hd95),
+                        _num(r.pred_ml), _num(r.ref_ml)])
+    return buf.getvalue()
+
+
+SUMMARY_COLUMNS = ["n", "dice_mean", "dice_std", "hd95_mean", "hd95_std", "n_absent", "n_missed",
+                   "n_false_positive", "ref_ml_mean", "pred_ml_mean"]
+
+
+def summary_csv(summary, names):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["label", "name"] + SUMMARY_COLUMNS)
+    for k, row in summary["classes"].items():
+        w.writerow([k, names[k]] + [_num(row[c]) for c in SUMMARY_COLUMNS])
+    ov = summary["overall"]
+    w.writerow(["overall", "mean over each case's labels"]
+               + [_num(ov[c]) if c in ov else "" for c in SUMMARY_COLUMNS])
+    w.writerow(["class_mean", "mean of the label means", "", _num(ov["dice_class_mean"]), "",
+                _num(ov["hd95_class_mean"])] + [""] * 6)
+    return buf.getvalue()
+
+
+def table(summary, names):
+    def pm(mean, std, fmt):
+        return "-" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}"
+
+    width = max([len(n) for n in names.values()] + [14])
+    lines = [f"{'label':>5}  {'name':<{width}}  {'n':>4}  {'Dice':>15}  {'HD95 (mm)':>17}  "
+             f"{'missed':>6}  {'FP':>4}"]
+    for k, r in summary["classes"].items():
+        lines.append(f"{k:>5}  {names[k]:<{width}}  {r['n']:>4}  "
+                     f"{pm(r['dice_mean'], r['dice_std'], '.4f'):>15}  "
+                     f"{pm(r['hd95_mean'], r['hd95_std'], '.2f'):>17}  "
+                     f"{r['n_missed']:>6}  {r['n_false_positive']:>4}")
+    ov = summary["overall"]
+    lines.append(f"{'all':>5}  {'case means':<{width}}  {ov['n']:>4}  "
+                 f"{pm(ov['dice_mean'], ov['dice_std'], '.4f'):>15}  "
+                 f"{pm(ov['hd95_mean'], ov['hd95_std'], '.2f'):>17}")
+    dcm, hcm = ov["dice_class_mean"], ov["hd95_class_mean"]
+    lines.append(f"{'':>5}  {'mean of labels':<{width}}  {'':>4}  "
+                 f"{'-' if math.isnan(dcm) else f'{dcm:.4f}':>15}  "
+                 f"{'-' if math.isnan(hcm) else f'{hcm:.2f}':>17}")
+    return "\n".join(lines)
+
+
+DEFINITIONS = {
+    "dice": "2|P n R| / (|P| + |R|)",
+    "hd95_mm": "max of the two directed 95th percentiles (numpy linear) of distances in mm from "
+               "each surface voxel (6-connectivity, image border = outside) of one mask to the "
+               "nearest surface voxel of the other",
+    "absent": "prediction and reference both empty: Dice and HD95 not defined (null), case left "
+              "out of the label's statistics",
+    "missed": "reference non-empty, prediction empty: Dice 0, HD95 = image diagonal in mm",
+    "false_positive": "reference empty, prediction non-empty: Dice 0, HD95 = image diagonal in mm",
+    "std": "sample standard deviation (ddof=1; 0 for one case)",
+    "overall": "statistics over cases of each case's mean over its scored labels",
+    "class_mean": "mean of the per-label means",
+}
+
+
+def main(argv):
+    if len(argv) > 1:
+        flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
+    from rr_tf.errors import RrTfError
+    from rr_tf.metrics import aggregate, case_mean
+
+    warnings = []
+    try:
+        if FLAGS.output and os.path.exists(FLAGS.output) and not os.path.isdir(FLAGS.output):
+            flagutil.fail(__file__, f"--output={FLAGS.output}: exists and is not a folder")
+        if FLAGS.image and not os.path.exists(FLAGS.image):
+            flagutil.fail(__file__, f"--image: {FLAGS.image!r} does not exist")
+        pairs = match_cases(FLAGS.pred, FLAGS.ref, FLAGS.allow_missing, warnings)
+        if FLAGS.image and os.path.isfile(FLAGS.image) and len(pairs) != 1:
+            flagutil.fail(__file__, "--image: a single image file needs single --pred/--ref "
+                          "files (or pass a folder of images)")
+        labels = parse_labels(FLAGS.labels) if FLAGS.labels else None
+        results, present_ref, present_pred, views, meta = score(
+            pairs, labels, FLAGS.ignore_affine, FLAGS.progress)
+        if labels is None:
+            labels = sorted(present_ref)
+            if not labels:
+                flagutil.fail(__file__, f"--ref={FLAGS.ref}: no reference holds a non-zero label; "
+                              "pass --labels to score predictions anyway")
+            only_pred = sorted(present_pred - present_ref)
+            if only_pred:
+                warnings.append(f"labels {only_pred} appear only in predictions and are not "
+                                "scored (pass --labels to score them)")
+        names = label_names(FLAGS.label_names, labels)
+        results = complete(results, labels)
+        summary = aggregate(results, labels)
+        means = {case: case_mean(res) for case, res in results.items()}
+
+        figure, png = None, None
+        if FLAGS.output and FLAGS.figure_cases > 0:
+            figure, png = make_figure(pick_figure_cases(means, FLAGS.figure_cases), views, labels,
+                                      names, warnings)
+    except RrTfError as err:
+        flagutil.fail(__file__, str(err))
+
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    print(table(summary, names))
+
+    if FLAGS.output:
+        try:
+            write_outputs(FLAGS.output, labels, names, summary, results, means, meta, figure,
+                          png, warnings)
+        except OSError as err:
+            flagutil.fail(__file__, f"--output={FLAGS.output}: cannot write "
+                          f"({err.strerror or err})")
+
+
+def write_outputs(out, labels, names, summary, results, means, meta, figure, png, warnings):
+    """per_case.csv, summary.csv, metrics.json and overlays.png, each atomically."""
+    os.makedirs(out, exist_ok=True)
+    document = {
+        "pred": os.path.abspath(FLAGS.pred), "ref": os.path.abspath(FLAGS.ref),
+        "labels": labels, "label_names": {k: names[k] for k in labels},
+        "definitions": DEFINITIONS,
+        "summary": {"classes": {names[k]: dict(label=k, **v)
+                                for k, v in summary["classes"].items()},
+                    "overall": summary["overall"]},
+        "cases": {case: dict(meta[case], mean=means[case],
+                             classes={names[k]: dict(label=k, **r.as_dict())
+                                      for k, r in res.items()})
+                  for case, res in results.items()},
+        "figure": figure, "warnings": warnings,
+    }
+    atomic_write(os.path.join(out, "per_case.csv"), per_case_csv(results, names))
+    atomic_write(os.path.join(out, "summary.csv"), summary_csv(summary, names))
+    atomic_write(os.path.join(out, "metrics.json"),
+                 json.dumps(_json_ready(document), indent=2, allow_nan=False) + "\n")
+    written = ["per_case.csv", "summary.csv", "metrics.json"]
+    if figure is not None:
+        atomic_write(os.path.join(out, "overlays.png"), png)
+        written.append("overlays.png")
+        print(f"overlays.png rows (worst to best mean Dice): {', '.join(figure['rows'])}; "
+              f"columns: {' | '.join(figure['columns'])}")
+    print(f"wrote {', '.join(written)} to {out}")
+
+
+def _parse_flags(argv):
+    """absl parsing, but an invalid flag is one line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        flagutil.fail(__file__, str(err))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
