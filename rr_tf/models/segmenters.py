@@ -1,0 +1,562 @@
+"""Segmentation models for fine-tuning, one per kind of pre-trained encoder.
+
+    unet    UNetSegmenter: the Genesis UNet3D with skips and a ``num_classes``
+            head (MoCo, SimCLR, PGL: encoder; Genesis, PCRL: encoder + decoder;
+            PCRLv2: encoder, skips added back; RepRec's CNN: enc1..enc4).
+    hybrid  HybridSegmenter: RepRec's HybridEncoder; CNN pyramid maps (strides
+            1-8) are the skips, the transformer output at stride 16 (all
+            tokens, no masking) is the bottleneck; TransUNet/UNETR-style
+            U-shaped decoder.
+    unetr   UNETRSegmenter: ViT3D encoder (MAE) with the UNETR decoder.
+
+Common API (the fine-tuning engine and sliding-window inference rely on it):
+
+    logits = model(x, training=...)   # [B, D, H, W, 1] -> [B, D, H, W, num_classes], float32
+    model.num_classes, model.divisor  # spatial sizes must be multiples of divisor
+    model.transfer_parts()            # {part name: layer}, see rr_tf/transfer.py
+    model.encoder_variables()         # what "freeze the encoder" freezes (trainable ones)
+    model.freeze_encoder(True/False)  # trainable flag of the encoder layers
+
+Freezing: ``freeze_encoder(True)`` sets ``trainable=False`` on the encoder
+layers, the standard Keras recipe: their weights leave
+``model.trainable_variables`` and their BatchNorm layers run on the moving
+statistics. Rebuild the optimizer / re-trace the train function after a
+change. A gradient filter works too: train
+``[v for v in model.trainable_variables if id(v) not in {id(e) for e in
+model.encoder_variables()}]`` (BatchNorm statistics then keep updating).
+
+Logits are computed in the layers' compute dtype (mixed precision) and cast
+to float32 at the end. The number of classes includes the background
+(softmax logits), so ``num_classes >= 2``; this also guarantees that a
+pre-trained 1-channel head (Genesis, PCRL) is a shape mismatch, never loaded.
+"""
+
+import keras
+from keras import ops
+
+from rr_tf.errors import ConfigError
+from rr_tf.models.hybrid import HybridEncoder
+from rr_tf.models.layers import NORMS, ConvBlock, ConvUnit, _register, as_triple, with_channels
+from rr_tf.models.unet3d import UNet3D
+from rr_tf.models.vit3d import ViT3D, static_grid, tokens_to_map
+
+SEGMENTER_KINDS = ("unet", "hybrid", "unetr")
+
+# Pre-training method -> the segmenter its weights initialise ("slice2d" is
+# rr_tf.models.unet2d.SliceSegmenter, the 2D U-Net applied slice by slice).
+_KIND_FOR_METHOD = {
+    "reprec": "hybrid", "mae": "unetr", "moco": "unet", "simclr": "unet", "genesis": "unet",
+    "pcrl": "unet", "pcrlv2": "unet", "pgl": "unet", "multitask": "slice2d",
+}
+# Methods whose published transfer is the encoder alone although their
+# pre-trained network has a decoder: PCRLv2 (non-skip decoder; skips are
+# added back for segmentation, methods.md "Transfer"). Genesis and PCRL
+# transfer encoder + decoder; MoCo, SimCLR, PGL export an encoder only.
+_ENCODER_ONLY_TRANSFER = ("pcrlv2",)
+
+
+def segmenter_kind_for_method(method_name):
+    """``"unet"``, ``"hybrid"``, ``"unetr"`` or ``"slice2d"`` for a pre-training method name."""
+    name = str(method_name).lower()
+    if name not in _KIND_FOR_METHOD:
+        raise ConfigError("method", f"no segmenter for method {method_name!r}; known: "
+                          f"{', '.join(sorted(_KIND_FOR_METHOD))}")
+    return _KIND_FOR_METHOD[name]
+
+
+def transfers_decoder(method_name):
+    """Whether fine-tuning should load the method's pre-trained decoder
+    (``UNetSegmenter.transfer_parts(decoder=...)``)."""
+    segmenter_kind_for_method(method_name)  # validates the name
+    return str(method_name).lower() not in _ENCODER_ONLY_TRANSFER
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def _check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
+        raise ConfigError("num_classes", f"must be an int >= 2 (background included, softmax "
+                          f"logits), got {num_classes!r}")
+    return int(num_classes)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {choices}, got {value!r}")
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ConfigError(name, f"must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _at_stride(shape, stride, channels):
+    """Shape of a ``[B, D, H, W, C]`` map at ``stride`` with ``channels``."""
+    return ((shape[0],) + tuple(None if s is None else s // stride for s in shape[1:4])
+            + (channels,))
+
+
+def _check_divisible(shape, divisor, what):
+    if len(shape) != 5:
+        raise ValueError(f"{what} expects (batch, D, H, W, C), got {tuple(shape)}")
+    for s in shape[1:4]:
+        if s is not None and s % divisor:
+            raise ValueError(f"{what}: spatial size {tuple(shape[1:4])} must be a multiple "
+                             f"of {divisor}")
+
+
+class _Segmenter(keras.Model):
+    """Shared API. Subclasses set ``num_classes``, ``divisor``, implement
+    ``_encoder_layers()`` and ``transfer_parts()``, and call
+    ``_record_encoder()`` at the end of ``build``."""
+
+    def _encoder_layers(self):
+        raise NotImplementedError
+
+    def _record_encoder(self):
+        # Paths of the encoder's trainable-by-design weights (BN statistics
+        # excluded), fixed at build time so the answer does not depend on
+        # whether the encoder is frozen.
+        self._encoder_paths = frozenset(
+            v.path for layer in self._encoder_layers() for v in layer.weights if v.trainable)
+
+    def encoder_variables(self):
+        """The pre-trained encoder's trainable weights (what "freeze the
+        encoder" freezes), in ``model.weights`` order, frozen or not."""
+        if not self.built:
+            raise ValueError(f"{self.name}: build the model (call it once) first")
+        return [v for v in self.weights if v.path in self._encoder_paths]
+
+    def freeze_encoder(self, frozen=True):
+        """``trainable = not frozen`` on the encoder layers (BatchNorm there
+        then uses its moving statistics). Re-trace the train step after."""
+        for layer in self._encoder_layers():
+            layer.trainable = not frozen
+
+    @property
+    def encoder_frozen(self):
+        return not all(layer.trainable for layer in self._encoder_layers())
+
+    def _logits(self, x):
+        return ops.cast(x, "float32")
+
+
+@_register
+class UpBlock(keras.layers.Layer):
+    """Decoder step: ``up`` (Conv3DTranspose k2 s2 to ``filters``), concat the
+    same-resolution ``skip``, ``block`` (two conv units of ``filters``)."""
+
+    def __init__(self, filters, norm="batch", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.norm_kind = norm
+        dt = self.dtype_policy
+        self.up = keras.layers.Conv3DTranspose(self.filters, 2, strides=2, name="up", dtype=dt)
+        self.block = ConvBlock((self.filters, self.filters), norm=norm, name="block", dtype=dt)
+
+    def build(self, input_shape, skip_shape=None):
+        input_shape = tuple(input_shape)
+        self.up.build(input_shape)
+        up_shape = _at_stride(input_shape, 1, self.filters)
+        up_shape = up_shape[:1] + tuple(None if s is None else 2 * s
+                                        for s in up_shape[1:4]) + up_shape[4:]
+        skip_c = 0 if skip_shape is None else skip_shape[-1]
+        self.block.build(with_channels(up_shape, self.filters + skip_c))
+        self.built = True
+
+    def call(self, x, skip=None, training=False):
+        x = self.up(x)
+        if skip is not None:
+            x = ops.concatenate([x, skip], axis=-1)
+        return self.block(x, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, norm=self.norm_kind)
+        return config
+
+
+@_register
+class DeconvPath(keras.layers.Layer):
+    """UNETR skip projection: ``steps`` x (Conv3DTranspose k2 s2 -> conv unit),
+    taking a token map at the patch stride to ``stride / 2**steps``."""
+
+    def __init__(self, filters, steps, norm="instance", **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.steps, self.norm_kind = int(filters), int(steps), norm
+        dt = self.dtype_policy
+        self.ups = [keras.layers.Conv3DTranspose(self.filters, 2, strides=2, name=f"up{i + 1}",
+                                                 dtype=dt) for i in range(self.steps)]
+        self.units = [ConvUnit(self.filters, norm=norm, name=f"unit{i + 1}", dtype=dt)
+                      for i in range(self.steps)]
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for up, unit in zip(self.ups, self.units):
+            up.build(shape)
+            shape = shape[:1] + tuple(None if s is None else 2 * s
+                                      for s in shape[1:4]) + (self.filters,)
+            unit.build(shape)
+        self.built = True
+
+    def call(self, x, training=False):
+        for up, unit in zip(self.ups, self.units):
+            x = unit(up(x), training=training)
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, steps=self.steps, norm=self.norm_kind)
+        return config
+
+
+# ---------------------------------------------------------------------------
+# UNet (Genesis U-Net with skips)
+# ---------------------------------------------------------------------------
+
+class _EncoderView:
+    """A UNet3D seen as its encoder only, for ``transfer`` (which needs just
+    ``name`` and ``weights``): the pre-trained decoder is then reported as
+    unused instead of being partly loaded."""
+
+    def __init__(self, unet):
+        self.name = unet.name
+        self._unet = unet
+
+    @property
+    def weights(self):
+        return [v for layer in self._unet.encoder_layers for v in layer.weights]
+
+
+@_register
+class UNetSegmenter(_Segmenter):
+    """Genesis UNet3D (``unet``, skips on) whose 1x1x1 head gives ``num_classes``
+    logits. Layer paths below ``unet`` are those of a pre-training UNet3D
+    (``enc1/unit1/conv/kernel``, ``up3``, ``dec3/...``, ``head``), so every
+    pre-trained UNet3D loads by key: an encoder-only one fills ``enc*``; a
+    skip U-Net (Genesis, PCRL) fills ``enc*``, ``up*`` and ``dec*`` while its
+    1-channel ``head`` is a shape mismatch; a non-skip U-Net (PCRLv2) differs
+    in the first unit after each concatenation; RepRec's CNN has one more
+    stage (``enc5``, unused).
+
+    Args: ``num_classes`` (>= 2), ``base_width``, ``levels``, ``norm`` as UNet3D.
+    """
+
+    def __init__(self, num_classes, base_width=32, levels=4, norm="batch", **kwargs):
+        kwargs.setdefault("name", "unet_segmenter")
+        super().__init__(**kwargs)
+        self.num_classes = _check_num_classes(num_classes)
+        self.base_width = _check_positive("base_width", base_width)
+        self.levels = _check_positive("levels", levels)
+        if self.levels < 2:
+            raise ConfigError("levels", f"must be >= 2, got {levels}")
+        _check_choice("norm", norm, NORMS)
+        self.norm_kind = norm
+        self.divisor = 2 ** (self.levels - 1)
+        self.unet = UNet3D(base_width=self.base_width, levels=self.levels, norm=norm, skips=True,
+                           out_channels=self.num_classes, name="unet3d", dtype=self.dtype_policy)
+
+    def _encoder_layers(self):
+        return self.unet.encoder_layers
+
+    def build(self, input_shape):
+        _check_divisible(input_shape, self.divisor, self.name)
+        self.unet.build(input_shape)
+        self._record_encoder()
+        self.built = True
+
+    def call(self, x, training=False):
+        return self._logits(self.unet(x, training=training))
+
+    def transfer_parts(self, decoder=True):
+        """``{"unet": UNet3D}``; with ``decoder=False`` only its encoder is
+        offered (PCRLv2, whose published transfer is the encoder alone: its
+        non-skip decoder's ``up*`` and second units would otherwise match)."""
+        return {"unet": self.unet if decoder else _EncoderView(self.unet)}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, base_width=self.base_width,
+                      levels=self.levels, norm=self.norm_kind)
+        return config
+
+
+# ---------------------------------------------------------------------------
+# Hybrid (RepRec)
+# ---------------------------------------------------------------------------
+
+@_register
+class SegmentationHybridEncoder(HybridEncoder):
+    """HybridEncoder whose feature-recovery decoder is never built (no
+    weights): segmentation uses the CNN and the transformer only. Variable
+    keys of ``cnn``, ``proj`` and ``transformer`` are those of HybridEncoder,
+    so a RepRec checkpoint loads by key and its ``decoder/*`` is reported unused."""
+
+    def build(self, input_shape):
+        self.cnn.build(input_shape)
+        b = input_shape[0]
+        self.proj.build((b, None, self.cnn_channels))
+        self.transformer.build((b, None, self.dim))
+        self.built = True
+
+    def call(self, x, training=False):
+        """Unmasked features: dict with ``pyramid`` (skips, strides 1 ..
+        stride/2), ``feature_map`` (CNN, stride 16) and ``latent`` [B, N, dim]."""
+        pyramid, fmap = self.cnn_features(x, training=training)
+        tokens, _ = self.tokens(fmap)
+        latent = self.encode_tokens(tokens, training=training)
+        return {"pyramid": pyramid, "feature_map": fmap, "latent": latent}
+
+
+@_register
+class HybridSegmenter(_Segmenter):
+    """RepRec's hybrid encoder (``hybrid``) with a U-shaped decoder.
+
+    Encoder: the CNN (UNet3D encoder + extra stride-2 stage) gives skips at
+    strides 1 .. 2**(levels-1) and the stride-2**levels map; its tokens (all
+    of them: no masking) go through the transformer, whose output, laid back
+    on the token grid, is the bottleneck. Decoder (TransUNet/UNETR style):
+    per skip, coarse to fine, ``up{s}`` = :class:`UpBlock` (x2 transposed conv,
+    concat the CNN map of stride ``s``, two conv units of ``decoder_width * s``
+    channels), then a 1x1x1 ``head``.
+
+    Args: ``num_classes``; ``base_width``, ``levels``, ``norm``,
+    ``extra_channels``, ``dim``, ``depth``, ``heads``, ``mlp_ratio``,
+    ``dropout``, ``attention_dropout`` as :class:`HybridEncoder` (use the
+    pre-training values so keys and shapes match; the defaults are RepRec's
+    Config defaults); ``decoder_width``
+    (default ``base_width``). The decoder uses ``norm`` too.
+    """
+
+    def __init__(self, num_classes, base_width=32, levels=4, norm="batch", extra_channels=None,
+                 dim=384, depth=6, heads=6, mlp_ratio=4.0, dropout=0.0, attention_dropout=0.0,
+                 decoder_width=None, **kwargs):
+        kwargs.setdefault("name", "hybrid_segmenter")
+        super().__init__(**kwargs)
+        self.num_classes = _check_num_classes(num_classes)
+        self.base_width = _check_positive("base_width", base_width)
+        self.levels = _check_positive("levels", levels)
+        if self.levels < 2:
+            raise ConfigError("levels", f"must be >= 2, got {levels}")
+        _check_choice("norm", norm, NORMS)
+        self.norm_kind = norm
+        self.extra_channels = None if extra_channels is None else _check_positive(
+            "extra_channels", extra_channels)
+        self.dim = _check_positive("dim", dim)
+        self.depth = _check_positive("depth", depth)
+        self.heads = _check_positive("heads", heads)
+        if self.dim % self.heads:
+            raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
+        self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
+        self.attention_dropout = float(attention_dropout)
+        self.decoder_width = _check_positive("decoder_width", decoder_width or self.base_width)
+        dt = self.dtype_policy
+        self.hybrid = SegmentationHybridEncoder(
+            base_width=self.base_width, levels=self.levels, norm=norm,
+            extra_channels=self.extra_channels, dim=self.dim, depth=self.depth,
+            heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout_rate,
+            attention_dropout=self.attention_dropout, decoder_depth=0, decoder_heads=1,
+            name="hybrid_encoder", dtype=dt)
+        self.divisor = self.hybrid.stride
+        self.skip_strides = list(self.hybrid.cnn.strides[:-1])  # 1, 2, 4, 8
+        self.skip_channels = list(self.hybrid.cnn.encoder_channels[:-1])
+        self.ups = [UpBlock(self.decoder_width * s, norm=norm, name=f"up{s}", dtype=dt)
+                    for s in reversed(self.skip_strides)]
+        self.head = keras.layers.Conv3D(self.num_classes, 1, name="head", dtype=dt)
+
+    def _encoder_layers(self):
+        return [self.hybrid]  # cnn, proj, transformer (the decoder has no weights)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        _check_divisible(input_shape, self.divisor, self.name)
+        self.hybrid.build(input_shape)
+        below = _at_stride(input_shape, self.divisor, self.dim)
+        for up, s, c in zip(self.ups, reversed(self.skip_strides), reversed(self.skip_channels)):
+            up.build(below, _at_stride(input_shape, s, c))
+            below = _at_stride(input_shape, s, up.filters)
+        self.head.build(below)
+        self._record_encoder()
+        self.built = True
+
+    def call(self, x, training=False):
+        skips, fmap = self.hybrid.cnn_features(x, training=training)
+        tokens, grid = self.hybrid.tokens(fmap)
+        latent = self.hybrid.encode_tokens(tokens, training=training)
+        y = tokens_to_map(latent, grid)
+        for up, skip in zip(self.ups, reversed(skips)):
+            y = up(y, skip, training=training)
+        return self._logits(self.head(y))
+
+    def transfer_parts(self):
+        return {"hybrid": self.hybrid, "unet": self.hybrid.cnn}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, base_width=self.base_width,
+                      levels=self.levels, norm=self.norm_kind,
+                      extra_channels=self.extra_channels, dim=self.dim, depth=self.depth,
+                      heads=self.heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout_rate,
+                      attention_dropout=self.attention_dropout,
+                      decoder_width=self.decoder_width)
+        return config
+
+
+# ---------------------------------------------------------------------------
+# UNETR (MAE's ViT)
+# ---------------------------------------------------------------------------
+
+def default_skip_blocks(depth, num_skips):
+    """1-based transformer blocks whose outputs feed the skips, shallow to deep:
+    ``ceil(depth * j / (num_skips + 1))`` (UNETR: blocks 3, 6, 9 of 12)."""
+    return [max(1, -(-depth * j // (num_skips + 1))) for j in range(1, num_skips + 1)]
+
+
+@_register
+class UNETRSegmenter(_Segmenter):
+    """UNETR (Hatamizadeh et al. 2022) on a :class:`ViT3D` encoder (``vit``).
+
+    With patch size ``p = 2**m``: the final (normed) tokens on the patch grid
+    are the bottleneck at stride ``p``; the outputs of ``m - 1`` blocks
+    (``skip_blocks``, default evenly spaced: 3, 6, 9 of 12) become skips at
+    strides ``p/2, ..., 2`` through ``skip{s}`` (:class:`DeconvPath`: one x2
+    transposed conv + conv unit per halving, deepest block -> coarsest skip);
+    ``input_block`` (two conv units on the input) is the stride-1 skip. The
+    decoder fuses them coarse to fine with ``up{s}`` (:class:`UpBlock`), then
+    a 1x1x1 ``head``. Channels at stride ``s``: ``decoder_width * s`` (UNETR's
+    feature size 16: 16, 32, 64, 128).
+
+    Args: ``num_classes``; ``patch_size`` (power of two, isotropic), ``dim``,
+    ``depth``, ``heads``, ``mlp_ratio``, ``dropout``, ``attention_dropout``,
+    ``layer_norm_epsilon`` as :class:`ViT3D` (use the pre-training values);
+    ``decoder_width``; ``norm`` of the decoder (UNETR: instance);
+    ``skip_blocks``.
+    """
+
+    def __init__(self, num_classes, patch_size=16, dim=192, depth=4, heads=3, mlp_ratio=4.0,
+                 dropout=0.0, attention_dropout=0.0, layer_norm_epsilon=1e-6, decoder_width=16,
+                 norm="instance", skip_blocks=None, **kwargs):
+        kwargs.setdefault("name", "unetr_segmenter")
+        super().__init__(**kwargs)
+        self.num_classes = _check_num_classes(num_classes)
+        try:
+            patch = as_triple(patch_size, "patch_size")
+        except (TypeError, ValueError) as e:
+            raise ConfigError("patch_size", str(e)) from None
+        p = patch[0]
+        if len(set(patch)) != 1 or p < 2 or p & (p - 1):
+            raise ConfigError("patch_size", f"must be an isotropic power of two >= 2, got "
+                              f"{patch_size!r}")
+        self.patch_size = p
+        self.dim = _check_positive("dim", dim)
+        self.depth = _check_positive("depth", depth)
+        self.heads = _check_positive("heads", heads)
+        if self.dim % self.heads:
+            raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
+        self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
+        self.attention_dropout = float(attention_dropout)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.decoder_width = _check_positive("decoder_width", decoder_width)
+        _check_choice("norm", norm, NORMS)
+        self.norm_kind = norm
+        num_skips = p.bit_length() - 2  # strides p/2 .. 2
+        if skip_blocks is None:
+            skip_blocks = default_skip_blocks(self.depth, num_skips)
+        skip_blocks = [int(b) for b in skip_blocks]
+        if len(skip_blocks) != num_skips or not all(1 <= b <= self.depth for b in skip_blocks):
+            raise ConfigError("skip_blocks", f"need {num_skips} block numbers in 1..{self.depth} "
+                              f"for patch size {p}, got {skip_blocks}")
+        self.skip_blocks = skip_blocks
+        self.divisor = p
+        dt = self.dtype_policy
+        self.vit = ViT3D(patch_size=p, dim=self.dim, depth=self.depth, heads=self.heads,
+                         mlp_ratio=self.mlp_ratio, dropout=self.dropout_rate,
+                         attention_dropout=self.attention_dropout,
+                         layer_norm_epsilon=self.layer_norm_epsilon, name="vit3d", dtype=dt)
+        # deepest block -> coarsest skip (stride p/2), shallowest -> stride 2
+        self.skip_strides = [p >> j for j in range(num_skips, 0, -1)]  # 2, 4, .., p/2
+        self.input_block = ConvBlock((self.decoder_width,) * 2, norm=norm, name="input_block",
+                                     dtype=dt)
+        self.skip_paths = [DeconvPath(self.decoder_width * s, steps=(p // s).bit_length() - 1,
+                                      norm=norm, name=f"skip{s}", dtype=dt)
+                           for s in self.skip_strides]
+        self.ups = [UpBlock(self.decoder_width * s, norm=norm, name=f"up{s}", dtype=dt)
+                    for s in [p >> j for j in range(1, num_skips + 2)]]  # p/2 .. 1
+        self.head = keras.layers.Conv3D(self.num_classes, 1, name="head", dtype=dt)
+
+    def _encoder_layers(self):
+        return [self.vit]
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        _check_divisible(input_shape, self.divisor, self.name)
+        p = self.patch_size
+        self.vit.build(input_shape)
+        self.input_block.build(input_shape)
+        for path in self.skip_paths:
+            path.build(_at_stride(input_shape, p, self.dim))
+        below = _at_stride(input_shape, p, self.dim)
+        for up in self.ups:
+            s = up.filters // self.decoder_width
+            skip_c = self.decoder_width * s  # input_block (s = 1) and skip paths alike
+            up.build(below, _at_stride(input_shape, s, skip_c))
+            below = _at_stride(input_shape, s, up.filters)
+        self.head.build(below)
+        self._record_encoder()
+        self.built = True
+
+    def call(self, x, training=False):
+        tokens, grid = self.vit.embed(x)
+        latent, hidden = self.vit.encode_tokens(tokens, training=training,
+                                                return_hidden_states=True)
+        skips = {1: self.input_block(x, training=training)}
+        for s, block, path in zip(self.skip_strides, self.skip_blocks, self.skip_paths):
+            skips[s] = path(tokens_to_map(hidden[block - 1], grid), training=training)
+        y = tokens_to_map(latent, grid)
+        for up in self.ups:
+            y = up(y, skips[up.filters // self.decoder_width], training=training)
+        return self._logits(self.head(y))
+
+    def transfer_parts(self):
+        return {"vit": self.vit}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, patch_size=self.patch_size, dim=self.dim,
+                      depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
+                      dropout=self.dropout_rate, attention_dropout=self.attention_dropout,
+                      layer_norm_epsilon=self.layer_norm_epsilon,
+                      decoder_width=self.decoder_width, norm=self.norm_kind,
+                      skip_blocks=list(self.skip_blocks))
+        return config
+
+
+# ---------------------------------------------------------------------------
+# Factory
+# ---------------------------------------------------------------------------
+
+_CLASSES = {"unet": UNetSegmenter, "hybrid": HybridSegmenter, "unetr": UNETRSegmenter}
+
+
+def build_segmenter(kind, num_classes, **kwargs):
+    """``UNetSegmenter`` / ``HybridSegmenter`` / ``UNETRSegmenter`` by kind;
+    ConfigError on an unknown kind or argument, or an invalid value."""
+    if kind not in _CLASSES:
+        raise ConfigError("segmenter", f"unknown kind {kind!r}; available: "
+                          f"{', '.join(SEGMENTER_KINDS)}")
+    try:
+        return _CLASSES[kind](num_classes, **kwargs)
+    except TypeError as e:
+        raise ConfigError("segmenter", f"{kind}: {e}") from None
+    except ValueError as e:
+        raise ConfigError("segmenter", f"{kind}: {e}") from None
+
+
+__all__ = [
+    "SEGMENTER_KINDS", "DeconvPath", "HybridSegmenter", "SegmentationHybridEncoder",
+    "UNETRSegmenter", "UNetSegmenter", "UpBlock", "build_segmenter", "default_skip_blocks",
+    "segmenter_kind_for_method", "transfers_decoder",
+]
