@@ -94,3 +94,59 @@ def load_spec(saved_model_dir):
 
     loaded = tf.saved_model.load(saved_model_dir)
     return PreprocessSpec.from_json(loaded.spec_json.numpy().decode())
+
+
+class _SegmentationServing(tf.Module):
+    def __init__(self, model, spec, spec_path, window, overlap):
+        super().__init__()
+        from rr_tf.data.pipeline import unit_scaler
+        from rr_tf.data.views import PAD_HU
+
+        self.model = model
+        self.window, self.overlap = tuple(int(w) for w in window), float(overlap)
+        self.to_unit = unit_scaler(spec)
+        self.pad_value = float(self.to_unit(tf.constant(float(PAD_HU))))
+        self.spec_json = tf.Variable(spec.to_json(), trainable=False, dtype=tf.string)
+        self.spec_hash = tf.Variable(spec.hash, trainable=False, dtype=tf.string)
+        self.spec_asset = tf.saved_model.Asset(spec_path)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="volume_hu")])
+    def serve(self, volume_hu):
+        from rr_tf.inference import sliding_window_graph
+
+        probs = sliding_window_graph(self.to_unit(volume_hu),
+                                     lambda x: self.model(x, training=False), self.window,
+                                     self.model.num_classes, self.overlap,
+                                     pad_value=self.pad_value)
+        return {"labels": tf.cast(tf.argmax(probs, axis=-1), tf.uint8), "probabilities": probs}
+
+
+def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None):
+    """Writes ``segmenter.keras`` and the SavedModel ``segmenter/`` whose
+    ``serving_default`` takes a float32 HU volume [D, H, W] of any size on
+    the spec's grid (stored orientation and spacing) and returns
+    ``labels`` (uint8 [D, H, W]) and ``probabilities`` (sliding-window
+    inference with the training window inside). Returns the two paths."""
+    os.makedirs(export_dir, exist_ok=True)
+    if sample is not None:
+        model(sample, training=False)
+    keras_path = os.path.join(export_dir, "segmenter.keras")
+    tmp = os.path.join(export_dir, f".segmenter.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, keras_path)
+    spec_path = os.path.join(export_dir, "preprocess.json")
+    with open(spec_path + ".tmp", "w") as f:
+        f.write(spec.to_json() + "\n")
+    os.replace(spec_path + ".tmp", spec_path)
+    with open(os.path.join(export_dir, "segmenter.json") + ".tmp", "w") as f:
+        json.dump({"window": list(window), "overlap": overlap, "num_classes": model.num_classes,
+                   "spec_hash": spec.hash}, f, indent=1)
+    os.replace(os.path.join(export_dir, "segmenter.json") + ".tmp",
+               os.path.join(export_dir, "segmenter.json"))
+    saved = os.path.join(export_dir, "segmenter")
+    tmp_dir = os.path.join(export_dir, f".segmenter.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    module = _SegmentationServing(model, spec, spec_path, window, overlap)
+    tf.saved_model.save(module, tmp_dir, signatures={"serving_default": module.serve})
+    _replace_dir(tmp_dir, saved)
+    return keras_path, saved

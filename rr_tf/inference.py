@@ -243,3 +243,55 @@ def keras_predict_fn(model, jit_compile=False):
         return tf.cast(model(x, training=False), tf.float32)
 
     return lambda x: predict(tf.convert_to_tensor(x, tf.float32)).numpy()
+
+
+def sliding_window_graph(volume, predict_fn, window, num_classes, overlap=0.5, sigma_scale=0.125,
+                         pad_value=0.0):
+    """TensorFlow-graph twin of :func:`sliding_window_inference` (one window
+    per iteration, no TTA) for serving signatures whose input size is only
+    known at run time. ``volume``: float32 [D, H, W]; returns probabilities
+    [D, H, W, num_classes]. The same window starts (:func:`window_starts`)
+    and Gaussian weights are used, so both give the same result.
+
+    Each window's weighted probabilities are added through a zero padding
+    to the volume size: memory stays O(volume x classes), the windows are
+    never all held at once."""
+    import tensorflow as tf
+
+    window_t = tf.constant(window, tf.int32)
+    shape = tf.shape(volume)
+    size = tf.maximum(shape, window_t)
+    before = (size - shape) // 2
+    pads = tf.stack([before, size - shape - before], axis=1)
+    vol = tf.pad(volume, pads, constant_values=pad_value)
+
+    def starts(n, w):
+        span = n - w
+        target = tf.maximum(1.0, tf.cast(w, tf.float32) * (1.0 - overlap))
+        count = tf.cast(tf.math.ceil(tf.cast(span, tf.float32) / target - 1e-9), tf.int32) + 1
+        step = tf.cast(span, tf.float32) / tf.cast(tf.maximum(count - 1, 1), tf.float32)
+        inner = tf.cast(tf.floor(tf.cast(tf.range(count - 1), tf.float32) * step + 0.5), tf.int32)
+        return tf.concat([inner, [span]], 0)
+
+    axes = [starts(size[i], window[i]) for i in range(3)]
+    grid = tf.meshgrid(*axes, indexing="ij")
+    corners = tf.reshape(tf.stack(grid, axis=-1), [-1, 3])
+    weights = tf.constant(gaussian_importance_map(window, sigma_scale))[..., None]
+
+    def body(i, acc, norm):
+        c = corners[i]
+        patch = tf.slice(vol, c, window_t)[None, ..., None]
+        probs = tf.nn.softmax(tf.cast(predict_fn(patch), tf.float32), axis=-1)[0] * weights
+        place = tf.stack([c, size - c - window_t], axis=1)
+        acc += tf.ensure_shape(tf.pad(probs, tf.concat([place, [[0, 0]]], 0)),
+                               [None, None, None, num_classes])
+        norm += tf.ensure_shape(tf.pad(weights, tf.concat([place, [[0, 0]]], 0)),
+                                [None, None, None, 1])
+        return i + 1, acc, norm
+
+    acc0 = tf.zeros(tf.concat([size, [num_classes]], 0), tf.float32)
+    norm0 = tf.zeros(tf.concat([size, [1]], 0), tf.float32)
+    _, acc, norm = tf.while_loop(lambda i, *_: i < tf.shape(corners)[0], body,
+                                 (tf.constant(0), acc0, norm0))
+    probs = acc / norm
+    return tf.slice(probs, tf.concat([before, [0]], 0), tf.concat([shape, [num_classes]], 0))

@@ -44,6 +44,7 @@ class StreamConfig:
     repeat: bool = True
     seed: int = 0
     deterministic: bool = True
+    case_ids: tuple | None = None   # only these cases (e.g. the labelled budget of a fine-tuning)
 
     def validate(self):
         for name in ("batch_size", "crops_per_volume", "cycle_length", "prefetch"):
@@ -129,6 +130,13 @@ def case_dataset(data_dir, split, config, input_context=None, log=None):
         return case
 
     ds = ds.map(decode, num_parallel_calls=config.parallel_calls, deterministic=config.deterministic)
+    if config.case_ids is not None:
+        known = {c["case_id"] for c in manifest["cases"]}
+        unknown = sorted(set(config.case_ids) - known)
+        if unknown:
+            raise DataError(data_dir, f"cases {unknown[:5]} are not in the manifest")
+        wanted = tf.constant(sorted(config.case_ids), tf.string)
+        ds = ds.filter(lambda c: tf.reduce_any(tf.equal(wanted, c["case_id"])))
     options = tf.data.Options()
     options.deterministic = config.deterministic
     return ds.with_options(options), manifest

@@ -93,10 +93,11 @@ def restore_latest(method, checkpoint_dir):
     return int(method.optimizer.iterations.numpy())
 
 
-def train(method, dataset, run_dir, config, preview_batch=None, hparams=None):
+def train(method, dataset, run_dir, config, preview_batch=None, hparams=None, callbacks=None):
     """Trains ``method`` (a compiled, built keras.Model with a custom
     train_step) on ``dataset`` until ``config.train_steps``.
 
+    ``callbacks``: more Keras callbacks (e.g. fine-tuning's validation).
     Returns a dict with the final step and the last logged metrics.
     Raises TrainingDiverged on a NaN/Inf loss (the last good checkpoint
     stays the newest one).
@@ -110,6 +111,7 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None):
     if step >= config.train_steps:
         run_dir.write_state(last_step=step, finished=True)
         return {"step": step, "metrics": {}, "resumed_from": step}
+    extra_callbacks = callbacks
     guard = cb.NaNGuard()
     callbacks = [
         cb.StepLimit(config.train_steps),
@@ -122,6 +124,7 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None):
     ]
     if hasattr(method, "extra_callbacks"):
         callbacks = method.extra_callbacks() + callbacks
+    callbacks += list(extra_callbacks or [])
     if preview_batch is not None and hasattr(method, "summary_images"):
         callbacks.append(cb.ImageSummary(run_dir.tensorboard + "/images", preview_batch,
                                          config.image_every))

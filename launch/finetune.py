@@ -1,0 +1,122 @@
+"""Fine-tune a segmenter on labelled shards, from scratch or from pre-trained weights.
+
+  python launch/finetune.py --data_dir=rr_tf_data/phantom_demo --run_dir=runs/ft_reprec \
+      --pretrained=runs/demo_reprec --num_labeled=2
+  python launch/finetune.py --flagfile=configs/demo_finetune.flags
+
+The segmenter follows the pre-training (RepRec -> hybrid CNN+transformer,
+MAE -> UNETR, the CNN methods -> U-Net with skips, multitask -> 2D U-Net
+slice by slice) with the pre-trained architecture; without --pretrained it
+is a U-Net built from --base_width/--levels/--norm. Re-running the same
+command on an existing --run_dir resumes it. The best weights by validation
+Dice are exported as a SavedModel with sliding-window inference inside.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import flagutil  # noqa: E402
+
+flagutil.quiet_tensorflow()
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Labelled shards + manifest.json (launch/prepare_data.py).")
+flags.DEFINE_string("run_dir", None, "Run directory (created; an existing one is resumed).")
+flags.DEFINE_string("pretrained", None, "Pre-training run directory, export directory or .keras "
+                    "file to start from (absent = from scratch).")
+flags.DEFINE_list("parts", None, "Load only these parts of --pretrained (unet, hybrid, vit, unet2d).")
+flags.DEFINE_boolean("allow_spec_mismatch", False, "Load --pretrained even if it was pre-trained "
+                     "on data with another preprocessing spec.")
+flags.DEFINE_enum("segmenter", "auto", ["auto", "unet", "hybrid", "unetr", "slice2d"],
+                  "Segmenter kind (auto = what --pretrained transfers into; U-Net from scratch).")
+flags.DEFINE_integer("base_width", None, "From scratch: U-Net base width (default 32).", lower_bound=1)
+flags.DEFINE_integer("levels", None, "From scratch: U-Net levels (default 4).", lower_bound=2)
+flags.DEFINE_enum("norm", None, ["batch", "sync_batch", "group", "instance", "none"],
+                  "From scratch: normalisation (default batch).")
+flags.DEFINE_string("num_labeled", "all", "Labelled training cases used: 'all', a count N or a "
+                    "fraction in (0, 1); chosen reproducibly by --seed.")
+flags.DEFINE_integer("train_steps", 1000, "Optimizer steps in total.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 2, "Global batch size.", lower_bound=1)
+flags.DEFINE_string("crop_size", "64,64,32", "Patch (and sliding window) size D,H,W.")
+flags.DEFINE_integer("crops_per_volume", 2, "Patches cut from each decoded volume.", lower_bound=1)
+flags.DEFINE_float("fg_fraction", 1.0 / 3.0, "Fraction of patches centred on a labelled voxel.",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd", "lamb"], "Optimizer.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.", lower_bound=0.0)
+flags.DEFINE_float("weight_decay", 1e-5, "Weight decay.", lower_bound=0.0)
+flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.", lower_bound=0)
+flags.DEFINE_integer("freeze_encoder_steps", 0, "Keep the pre-trained encoder frozen for the "
+                     "first N steps.", lower_bound=0)
+flags.DEFINE_list("class_weights", None, "Cross-entropy weight per class (background first).")
+flags.DEFINE_integer("val_every", 100, "Steps between validations (sliding-window Dice on the "
+                     "labelled validation cases).", lower_bound=1)
+flags.DEFINE_float("val_overlap", 0.5, "Sliding-window overlap for validation and export.",
+                   lower_bound=0.0, upper_bound=0.95)
+flags.DEFINE_integer("val_window_batch", 2, "Windows per forward pass in validation.", lower_bound=1)
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy.")
+flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA (auto: one GPU or TPU).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Compute dtype.")
+flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.", lower_bound=1)
+flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_integer("log_every", 10, "Steps between TensorBoard scalar writes.", lower_bound=1)
+flags.DEFINE_integer("image_every", 100, "Steps between TensorBoard image panels.", lower_bound=1)
+flags.DEFINE_enum("verbose", "bar", ["bar", "line", "none"], "Console progress.")
+flags.DEFINE_boolean("export", True, "Export the best segmenter at the end.")
+flags.DEFINE_integer("seed", 0, "Seed of weights, the labelled subset and the data stream.")
+flags.DEFINE_boolean("overwrite", False, "Start the run directory afresh.")
+flags.mark_flags_as_required(["data_dir", "run_dir"])
+flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
+
+
+def resolved_flags():
+    own = [f for module, fl in FLAGS.flags_by_module_dict().items()
+           if module.endswith("finetune.py") for f in fl]
+    return "".join(f.serialize() + "\n" for f in own
+                   if f.name != "overwrite" and f.value is not None and f.serialize())
+
+
+def main(argv):
+    if len(argv) > 1:
+        flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
+    from rr_tf.errors import RrTfError
+    from rr_tf.training.finetune import FinetuneConfig, run_finetuning
+    from rr_tf.training.loop import TrainingDiverged
+
+    try:
+        weights = None
+        if FLAGS.class_weights:
+            weights = tuple(float(w) for w in FLAGS.class_weights)
+        args = {k: FLAGS[k].value for k in ("base_width", "levels", "norm") if FLAGS[k].value is not None}
+        config = FinetuneConfig(
+            data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir, pretrained=FLAGS.pretrained,
+            parts=tuple(FLAGS.parts) if FLAGS.parts else None,
+            allow_spec_mismatch=FLAGS.allow_spec_mismatch, segmenter=FLAGS.segmenter,
+            segmenter_args=args, num_labeled=FLAGS.num_labeled, train_steps=FLAGS.train_steps,
+            batch_size=FLAGS.batch_size, crop_size=flagutil.parse_numbers(FLAGS.crop_size, 3, int),
+            crops_per_volume=FLAGS.crops_per_volume, fg_fraction=FLAGS.fg_fraction,
+            optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+            weight_decay=FLAGS.weight_decay, warmup_steps=FLAGS.warmup_steps,
+            freeze_encoder_steps=FLAGS.freeze_encoder_steps, class_weights=weights,
+            val_every=FLAGS.val_every, val_overlap=FLAGS.val_overlap,
+            val_window_batch=FLAGS.val_window_batch, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
+            jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,
+            checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+            log_every=FLAGS.log_every, image_every=FLAGS.image_every,
+            verbose={"bar": 1, "line": 2, "none": 0}[FLAGS.verbose], export=FLAGS.export,
+            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=resolved_flags())
+        run_finetuning(config)
+    except TrainingDiverged as err:
+        flagutil.fail(__file__, str(err), code=1)
+    except (RrTfError, ValueError) as err:
+        flagutil.fail(__file__, str(err))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,111 @@
+"""Segment whole scans with a fine-tuned model; label maps come back on each
+input's own grid (shape, orientation, affine), ready to overlay in ITK-SNAP
+or 3D Slicer.
+
+  python launch/infer.py --model=runs/ft_demo --input=scan.nii.gz --output=scan_seg.nii.gz
+  python launch/infer.py --model=runs/ft_demo/export --input=scans/ --output=segs/
+  python launch/infer.py --model=... --input=dicom_series_folder/ --output=seg.nii.gz
+
+--input: a NIfTI file, a folder of NIfTI files, or a DICOM series folder.
+--output: a file for one input, a folder for several (``<case>.nii.gz``;
+probabilities as ``<case>_probabilities.nii.gz`` with --save_probabilities).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import flagutil  # noqa: E402
+
+flagutil.quiet_tensorflow()
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A fine-tuning run directory or its export/ directory.")
+flags.DEFINE_string("input", None, "NIfTI file, folder of NIfTI files, or DICOM series folder.")
+flags.DEFINE_string("output", None, "Output NIfTI file (one input) or folder (several).")
+flags.DEFINE_float("overlap", None, "Sliding-window overlap in [0, 0.95] (default: the one the "
+                   "model was exported with).", lower_bound=0.0, upper_bound=0.95)
+flags.DEFINE_integer("window_batch", 2, "Windows per forward pass (bounds memory).", lower_bound=1)
+flags.DEFINE_boolean("tta", False, "Average over the 8 flips of the three axes (8x slower).")
+flags.DEFINE_boolean("save_probabilities", False, "Also write the class probabilities "
+                     "(4D float32 NIfTI on the input grid).")
+flags.DEFINE_string("series_uid", None, "DICOM folder with several series: the one to use.")
+flags.mark_flags_as_required(["model", "input", "output"])
+
+
+def _inputs(path):
+    """[(case name, loader)] for a file, a NIfTI folder or a DICOM folder."""
+    from rr_tf.data import dicom, nifti
+    from rr_tf.errors import DataError
+
+    if os.path.isfile(path):
+        if not path.lower().endswith(nifti.NIFTI_SUFFIXES):
+            raise DataError(path, "not a NIfTI file (.nii / .nii.gz); DICOM input is a folder")
+        return [(nifti.case_name(path), lambda: nifti.read_nifti(path, kind="image"))]
+    if not os.path.isdir(path):
+        raise DataError(path, "no such file or folder")
+    if dicom.is_dicom_dir(path):
+        name = os.path.basename(os.path.normpath(path))
+        return [(name, lambda: dicom.read_dicom_series(path, series_uid=FLAGS.series_uid))]
+    files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                   if n.lower().endswith(nifti.NIFTI_SUFFIXES) and not n.startswith("."))
+    if not files:
+        raise DataError(path, "holds no NIfTI file and no DICOM series")
+    return [(nifti.case_name(f), (lambda f=f: nifti.read_nifti(f, kind="image"))) for f in files]
+
+
+def main(argv):
+    if len(argv) > 1:
+        flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
+    import numpy as np
+
+    from rr_tf.data import nifti
+    from rr_tf.errors import RrTfError
+    from rr_tf.predict import SegmentationModel
+
+    try:
+        cases = _inputs(FLAGS.input)
+        many = len(cases) > 1
+        if many and FLAGS.output.lower().endswith(nifti.NIFTI_SUFFIXES):
+            raise ValueError(f"--output={FLAGS.output}: {len(cases)} inputs need an output folder")
+        model = SegmentationModel.load(FLAGS.model)
+    except (RrTfError, ValueError) as err:
+        flagutil.fail(__file__, str(err))
+    print(f"model {model.source}: window {model.window}, spec {model.spec.describe()}",
+          file=sys.stderr)
+    failed = 0
+    for name, load in cases:
+        if many or not FLAGS.output.lower().endswith(nifti.NIFTI_SUFFIXES):
+            os.makedirs(FLAGS.output, exist_ok=True)
+            out = os.path.join(FLAGS.output, f"{name}.nii.gz")
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+            out = FLAGS.output
+        start = time.time()
+        try:
+            image = load()
+            labels, probs = model.segment(image, name, overlap=FLAGS.overlap,
+                                          window_batch=FLAGS.window_batch, tta=FLAGS.tta,
+                                          probabilities=FLAGS.save_probabilities)
+        except RrTfError as err:
+            print(f"infer.py: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        meta = image.meta if isinstance(image.meta, dict) else {}
+        nifti.write_nifti(out, labels, image.affine, header_meta=meta)
+        if probs is not None:
+            stem = out[: -len(".nii.gz")] if out.endswith(".nii.gz") else out.rsplit(".", 1)[0]
+            nifti.write_nifti(stem + "_probabilities.nii.gz", probs, image.affine, header_meta=meta)
+        present = [int(v) for v in np.unique(labels) if v]
+        print(f"{name}: {image.shape} -> {out} ({time.time() - start:.1f} s; labels {present})",
+              file=sys.stderr)
+    if failed:
+        flagutil.fail(__file__, f"{failed} of {len(cases)} input(s) failed", code=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,90 @@
+"""Whole-scan segmentation with a fine-tuned model, back on the scan's own grid.
+
+    model = SegmentationModel.load("runs/ft_reprec")      # run dir or export dir
+    labels, probs = model.segment(volume)                  # rr_tf.data.volume.Volume
+
+The scan goes through the *same* preprocessing spec as the training data
+(canonical RAS orientation, optional body crop, resampling to the training
+spacing, HU window), the sliding window runs on that grid, and the label
+map is mapped back onto the input's original voxel grid: exactly (no
+interpolation) when the grids differ by axis order, flips and a crop, and
+by nearest neighbour (labels) or linear interpolation (probabilities)
+otherwise. The output therefore shares the input's shape and affine and
+overlays it in any viewer.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from rr_tf.data.preprocess import preprocess_case, restore_original_grid
+from rr_tf.data.spec import PreprocessSpec
+from rr_tf.errors import ConfigError
+from rr_tf.inference import keras_predict_fn, sliding_window_inference
+
+
+class SegmentationModel:
+    """A fine-tuned segmenter with its spec and sliding-window settings."""
+
+    def __init__(self, model, spec, window, overlap=0.5, source=""):
+        self.model, self.spec = model, spec
+        self.window, self.overlap = tuple(int(w) for w in window), float(overlap)
+        self.source = source
+        self._predict = keras_predict_fn(model)
+
+    @classmethod
+    def load(cls, path):
+        """From a fine-tuning run directory (its ``export/``) or an export
+        directory holding ``segmenter.keras``, ``segmenter.json`` and
+        ``preprocess.json``."""
+        import keras
+
+        import rr_tf.models  # noqa: F401  (registers the classes)
+
+        export = os.path.join(path, "export") if os.path.isdir(os.path.join(path, "export")) else path
+        needed = [os.path.join(export, n) for n in ("segmenter.keras", "segmenter.json",
+                                                     "preprocess.json")]
+        missing = [p for p in needed if not os.path.exists(p)]
+        if missing:
+            raise ConfigError("model", f"{path}: not a fine-tuning run or segmentation export "
+                              f"({os.path.basename(missing[0])} missing)")
+        with open(needed[1]) as f:
+            info = json.load(f)
+        with open(needed[2]) as f:
+            spec = PreprocessSpec.from_json(f.read())
+        try:
+            model = keras.saving.load_model(needed[0])
+        except Exception as err:  # noqa: BLE001  (any load failure: one line)
+            raise ConfigError("model", f"{needed[0]}: cannot load ({type(err).__name__}: {err})") from None
+        return cls(model, spec, info["window"], info.get("overlap", 0.5), source=export)
+
+    def to_unit(self, stored):
+        """Stored int16 HU (spec grid) -> float32 network input."""
+        x = stored.astype(np.float32)
+        if self.spec.scaling != "unit":
+            return x
+        lo, hi = self.spec.hu_window
+        return (np.clip(x, lo, hi) - lo) / (hi - lo)
+
+    def segment(self, image, case_id="case", overlap=None, window_batch=2, tta=False,
+                probabilities=False, progress=None):
+        """Label map (uint8, on ``image``'s grid) and, if asked, class
+        probabilities [X, Y, Z, C] on that grid (else None)."""
+        case = preprocess_case(case_id, image, None, self.spec)
+        probs = sliding_window_inference(
+            self.to_unit(case.image), self._predict, self.window,
+            overlap=self.overlap if overlap is None else overlap, window_batch=window_batch,
+            tta=tta, pad_value=float(self.to_unit(np.array([-1000], np.int16))[0]),
+            progress=progress)
+        original = case.meta["original"]
+        labels = np.argmax(probs, axis=-1).astype(np.uint8)
+        out = restore_original_grid(labels, case.affine, original["affine"], original["shape"],
+                                    order=0, cval=0)
+        full = None
+        if probabilities:
+            chans = [restore_original_grid(probs[..., c], case.affine, original["affine"],
+                                           original["shape"], order=1, cval=1.0 if c == 0 else 0.0)
+                     for c in range(probs.shape[-1])]
+            full = np.stack(chans, axis=-1).astype(np.float32)
+        return out, full

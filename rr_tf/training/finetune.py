@@ -1,0 +1,330 @@
+"""One fine-tuning run, from labelled shards (and optionally pre-trained
+weights) to the best segmenter, TensorBoard and a segmentation export (the
+engine of ``launch/finetune.py``; takes a config object, reads no flags).
+
+Run directory (``RunDir``; same resume rules as pre-training)::
+
+    run.json  flags.txt  preprocess.json  checkpoints/  tensorboard/
+    labelled_cases.json   the cases of the labelled budget (seeded choice)
+    transfer.json         what was loaded from --pretrained (or absent)
+    best/                 best weights by validation Dice + best.json
+    export/               segmenter.keras + SavedModel with sliding window
+"""
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+
+import keras
+import numpy as np
+
+from rr_tf.data import records
+from rr_tf.data.pipeline import StreamConfig, case_dataset, view_dataset
+from rr_tf.data import recipes
+from rr_tf.errors import ConfigError, SpecMismatchError
+from rr_tf.models import segmenters
+from rr_tf.training import loop, optim, strategy as st
+from rr_tf.training.run_dir import RunDir
+from rr_tf.training.segmentation import SegmentationTask, Validation, _read_best
+
+_DATA_RESEED = 1_000_003
+SEGMENTER_CHOICES = ("auto", "unet", "hybrid", "unetr", "slice2d")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    data_dir: str
+    run_dir: str
+    pretrained: str | None = None        # run dir, export dir or .keras file; None = from scratch
+    parts: tuple | None = None           # restrict the parts loaded (default: all that match)
+    allow_spec_mismatch: bool = False
+    segmenter: str = "auto"              # auto = what the pre-training transfers into (else unet)
+    segmenter_args: dict = dataclasses.field(default_factory=dict)  # from scratch / overrides
+    num_labeled: str = "all"             # N cases, a fraction in (0, 1), or "all"
+    train_steps: int = 1000
+    batch_size: int = 2
+    crop_size: tuple = (64, 64, 32)
+    crops_per_volume: int = 2
+    fg_fraction: float = 1.0 / 3.0
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    freeze_encoder_steps: int = 0
+    class_weights: tuple | None = None
+    val_every: int = 100
+    val_overlap: float = 0.5
+    val_window_batch: int = 2
+    strategy: str = "default"
+    tpu: str = ""
+    jit_compile: str = "auto"
+    mixed_precision: str = "none"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    image_every: int = 100
+    verbose: int = 1
+    export: bool = True
+    seed: int = 0
+    overwrite: bool = False
+    flags_text: str = ""
+
+    def validate(self):
+        if self.segmenter not in SEGMENTER_CHOICES:
+            raise ConfigError("segmenter", f"must be one of {SEGMENTER_CHOICES}, got {self.segmenter!r}")
+        if self.pretrained and not os.path.exists(self.pretrained):
+            raise ConfigError("pretrained", f"{self.pretrained} does not exist")
+        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
+            raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
+        if self.freeze_encoder_steps >= self.train_steps and self.freeze_encoder_steps:
+            raise ConfigError("freeze_encoder_steps", "must be smaller than train_steps")
+        if not 0.0 <= self.fg_fraction <= 1.0:
+            raise ConfigError("fg_fraction", "must be in [0, 1]")
+        if not 0.0 <= self.val_overlap < 1.0:
+            raise ConfigError("val_overlap", "must be in [0, 1)")
+        parse_budget(self.num_labeled)
+
+
+def parse_budget(text):
+    """'all' -> None, '3' -> 3, '0.25' -> 0.25 (ConfigError otherwise)."""
+    text = str(text).strip()
+    if text == "all":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError("num_labeled", f"must be 'all', a count or a fraction, got {text!r}") from None
+    if value >= 1 and value == int(value):
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise ConfigError("num_labeled", f"must be 'all', a count >= 1 or a fraction in (0, 1), got {text!r}")
+
+
+def choose_labeled(manifest, budget, seed):
+    """The labelled training cases of the budget, chosen reproducibly: the
+    labelled training cases sorted by id, permuted by ``seed``, first N.
+    A fraction rounds up (at least one case)."""
+    labelled = sorted(c["case_id"] for c in manifest["cases"]
+                      if c["split"] == "train" and c.get("has_label"))
+    if not labelled:
+        raise ConfigError("data_dir", "the training split holds no labelled case")
+    value = parse_budget(budget)
+    if value is None:
+        return labelled
+    n = value if isinstance(value, int) else max(1, math.ceil(value * len(labelled)))
+    if n > len(labelled):
+        raise ConfigError("num_labeled", f"{n} labelled cases asked, the training split has "
+                          f"{len(labelled)}")
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    return sorted(labelled[i] for i in order[:n])
+
+
+def num_classes_of(manifest):
+    values = set()
+    for c in manifest["cases"]:
+        values.update(int(v) for v in c.get("label_values") or [])
+    if not values:
+        raise ConfigError("data_dir", "the manifest lists no label values; are the cases labelled?")
+    return max(values) + 1
+
+
+_RENAMES = {"transformer_dim": "dim", "transformer_depth": "depth", "transformer_heads": "heads"}
+
+
+def architecture_from(parts, kind):
+    """Segmenter constructor arguments read from the pre-trained part's
+    config (so keys and shapes match), for ``kind``."""
+    key = {"hybrid": "hybrid", "unetr": "vit", "unet": "unet", "slice2d": "unet2d"}[kind]
+    if key not in parts:
+        raise ConfigError("segmenter", f"{kind} needs a pre-trained {key!r} part; the source has "
+                          f"{sorted(parts)}")
+    config = parts[key].get_config()
+    cls = _segmenter_class(kind)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "kwargs"}
+    args = {}
+    for name, value in config.items():
+        name = _RENAMES.get(name, name)
+        if name in accepted and name not in ("name", "dtype", "trainable"):
+            args[name] = value
+    return args
+
+
+def auto_kind(parts):
+    for key, kind in (("hybrid", "hybrid"), ("vit", "unetr"), ("unet2d", "slice2d"), ("unet", "unet")):
+        if key in parts:
+            return kind
+    raise ConfigError("pretrained", f"no part a segmenter can use (parts: {sorted(parts)})")
+
+
+def _segmenter_class(kind):
+    if kind == "slice2d":
+        from rr_tf.models.unet2d import SliceSegmenter
+
+        return SliceSegmenter
+    return {"unet": segmenters.UNetSegmenter, "hybrid": segmenters.HybridSegmenter,
+            "unetr": segmenters.UNETRSegmenter}[kind]
+
+
+def build_model(kind, num_classes, args):
+    cls = _segmenter_class(kind)
+    try:
+        return cls(num_classes, **args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("segmenter", f"{kind}: {err}") from None
+
+
+def source_method(path):
+    """The pre-training method name of a run directory (None for exports)."""
+    state = os.path.join(path, "run.json")
+    if os.path.isdir(path) and os.path.exists(state):
+        with open(state) as f:
+            return json.load(f).get("method")
+    return None
+
+
+def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=False,
+                    src_parts=None, src_spec=None):
+    """Loads what matches from ``source`` (run directory, export directory
+    or ``.keras`` file) into ``model``'s parts. Refuses (SpecMismatchError)
+    when the pre-training data were preprocessed differently from ``spec``
+    unless ``allow_spec_mismatch``; refuses (ConfigError) when nothing
+    matches. Returns the TransferReport."""
+    from rr_tf.transfer import source_parts, transfer
+
+    if src_parts is None:
+        src_parts, src_spec = source_parts(source)
+    if spec is not None and src_spec is not None and src_spec.hash != spec.hash \
+            and not allow_spec_mismatch:
+        raise SpecMismatchError(source, f"pre-trained on data preprocessed with "
+                                f"spec {src_spec.hash} ({src_spec.describe()}), fine-tuning data use "
+                                f"{spec.hash} ({spec.describe()}); re-prepare the data with the same "
+                                "spec or pass --allow_spec_mismatch")
+    dst_parts = model.transfer_parts()
+    method = source_method(source)
+    if method and isinstance(model, segmenters.UNetSegmenter) and \
+            not segmenters.transfers_decoder(method):
+        dst_parts = model.transfer_parts(decoder=False)
+    return transfer(dst_parts, src_parts, source=source, parts=parts)
+
+
+def validation_cases(data_dir, spec):
+    """Labelled validation volumes in network units (numpy), for the
+    Validation callback."""
+    from rr_tf.data.pipeline import unit_scaler
+
+    manifest = records.read_manifest(data_dir)
+    ids = [c["case_id"] for c in manifest["cases"] if c["split"] == "val" and c.get("has_label")]
+    if not ids:
+        return []
+    ds, _ = case_dataset(data_dir, "val", StreamConfig(repeat=False, shuffle_cases=0))
+    to_unit = unit_scaler(spec)
+    out = []
+    for case in ds:
+        if not bool(case["has_label"]):
+            continue
+        out.append({"case_id": case["case_id"].numpy().decode(),
+                    "image": to_unit(case["image"]).numpy()[..., 0],
+                    "label": case["label"].numpy(), "spacing": tuple(case["spacing"].numpy())})
+    return out
+
+
+def run_finetuning(config, log=None):
+    """Runs (or resumes) a fine-tuning; returns the final metrics dict."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    config.validate()
+    manifest = records.read_manifest(config.data_dir)
+    spec = manifest["spec_obj"]
+    num_classes = num_classes_of(manifest)
+    run = RunDir(config.run_dir)
+    resumed = run.prepare("finetune", spec, config.train_steps, config.overwrite)
+    labelled = choose_labeled(manifest, config.num_labeled, config.seed)
+
+    # the architecture: from the pre-trained parts (keys must match) or from the config
+    src_parts = src_spec = None
+    if config.pretrained:
+        from rr_tf.transfer import source_parts
+
+        src_parts, src_spec = source_parts(config.pretrained)
+        kind = auto_kind(src_parts) if config.segmenter == "auto" else config.segmenter
+        args = dict(architecture_from(src_parts, kind), **config.segmenter_args)
+    else:
+        kind = "unet" if config.segmenter == "auto" else config.segmenter
+        args = dict(config.segmenter_args)
+    run.write_state(kind=kind, segmenter_args=args, num_classes=num_classes,
+                    crop_size=list(config.crop_size), seed=config.seed,
+                    pretrained=config.pretrained, labelled_cases=labelled)
+    with open(os.path.join(run.path, "labelled_cases.json"), "w") as f:
+        json.dump(labelled, f, indent=1)
+    if config.flags_text:
+        with open(run.flags, "w") as f:
+            f.write(config.flags_text)
+
+    st.set_precision(config.mixed_precision)
+    strategy = st.make_strategy(config.strategy, config.tpu)
+    jit = st.resolve_jit_compile(config.jit_compile, strategy)
+    step0 = loop.latest_step(run.checkpoints)
+    keras.utils.set_random_seed(config.seed)
+    log(f"finetune: {'resuming at step ' + str(step0) if resumed and step0 else 'new run'} in "
+        f"{run.path}; {kind} segmenter, {num_classes} classes, {len(labelled)} labelled case(s) "
+        f"{labelled if len(labelled) <= 8 else ''}; "
+        f"{'from ' + config.pretrained if config.pretrained else 'from scratch'}")
+    stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
+                          seed=config.seed + _DATA_RESEED * step0, case_ids=tuple(labelled))
+    recipe = recipes.finetune_patch(config.crop_size, fg_fraction=config.fg_fraction)
+    dataset, _ = view_dataset(config.data_dir, "train", recipe, stream, labelled=True)
+    dataset = dataset.map(lambda b: {"image": b["image"], "label": b["label"]})
+    preview = next(iter(dataset))
+    with strategy.scope():
+        segmenter = build_model(kind, num_classes, args)
+        divisor = getattr(segmenter, "divisor", 1)
+        if any(c % divisor for c in config.crop_size):
+            raise ConfigError("crop_size", f"the {kind} segmenter needs multiples of {divisor}, "
+                              f"got {tuple(config.crop_size)}")
+        task = SegmentationTask(segmenter, num_classes, config.class_weights,
+                                config.freeze_encoder_steps)
+        task.compile(optimizer=optim.build_optimizer(
+            config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
+            config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
+        task.build_for(preview)
+        if config.pretrained and step0 == 0:
+            report = load_pretrained(segmenter, config.pretrained, config.parts, spec,
+                                     config.allow_spec_mismatch, src_parts, src_spec)
+            report.save(os.path.join(run.path, "transfer.json"))
+            log(f"pretrained: {report.summary()}; details in {run.path}/transfer.json")
+    val_cases = validation_cases(config.data_dir, spec)
+    extra = []
+    labels = list(range(1, num_classes))
+    if val_cases:
+        extra.append(Validation(val_cases, config.crop_size, config.val_every,
+                                os.path.join(run.path, "best"), run.tensorboard + "/validation",
+                                labels, config.val_overlap, config.val_window_batch, log=log))
+    else:
+        log("no labelled validation case: no validation, the last weights are exported")
+    hparams = dict(kind=kind, num_classes=num_classes, num_labeled=len(labelled),
+                   pretrained=str(config.pretrained), learning_rate=config.learning_rate,
+                   batch_size=config.batch_size, crop_size=str(config.crop_size),
+                   freeze_encoder_steps=config.freeze_encoder_steps, spec_hash=spec.hash)
+    result = loop.train(task, dataset, run,
+                        loop.TrainConfig(train_steps=config.train_steps,
+                                         checkpoint_every=config.checkpoint_every,
+                                         keep_checkpoints=config.keep_checkpoints,
+                                         log_every=config.log_every, image_every=config.image_every,
+                                         global_batch_size=config.batch_size, verbose=config.verbose),
+                        preview_batch=preview, hparams=hparams, callbacks=extra)
+    best = _read_best(os.path.join(run.path, "best"))
+    if best is not None:
+        segmenter.load_weights(os.path.join(run.path, "best", "segmenter.weights.h5"))
+    metrics = dict(result["metrics"], step=result["step"], spec_hash=spec.hash, kind=kind,
+                   best=best, labelled_cases=labelled)
+    run.write_metrics(metrics)
+    if config.export:
+        from rr_tf.export import export_segmenter
+
+        paths = export_segmenter(segmenter, run.export, spec, window=tuple(config.crop_size),
+                                 overlap=config.val_overlap, sample=preview["image"][:1])
+        log(f"exported the {'best' if best else 'last'} segmenter: {paths[0]} and {paths[1]}")
+    return metrics

@@ -1,0 +1,207 @@
+"""The fine-tuning task: a segmenter trained with Dice + cross-entropy on
+labelled patches, optional encoder freezing for the first steps, and a
+validation callback that runs sliding-window inference on whole validation
+volumes and keeps the best weights.
+
+``SegmentationTask`` plays the part a pre-training method plays for
+``rr_tf.training.loop.train`` (same checkpoints, resume, NaN stop,
+TensorBoard), so fine-tuning has no loop of its own.
+"""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from rr_tf import losses
+from rr_tf.training.callbacks import _step
+
+
+class SegmentationTask(keras.Model):
+    """Wraps a segmenter (``rr_tf.models.segmenters`` API) for training."""
+
+    def __init__(self, segmenter, num_classes, class_weights=None, freeze_encoder_steps=0,
+                 **kwargs):
+        super().__init__(name="segmentation", **kwargs)
+        self.segmenter = segmenter
+        self.num_classes = int(num_classes)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.freeze_encoder_steps = int(freeze_encoder_steps)
+        self._trackers = {n: keras.metrics.Mean(name=n) for n in
+                          ("loss", "loss_ce", "train_dice")}
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    @staticmethod
+    def sample_volume(batch):
+        return batch["image"]
+
+    def build_for(self, batch):
+        self.segmenter(batch["image"][:1])
+        self.built = True
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.segmenter.trainable_variables)
+
+    def call(self, x, training=False):
+        return self.segmenter(x, training=training)
+
+    def train_step(self, batch):
+        image, label = batch["image"], batch["label"]
+        variables = self.segmenter.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.segmenter(image, training=True)
+            loss = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights)
+            scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+        opt = self.optimizer
+        if hasattr(opt, "scale_loss"):
+            with tape:
+                scaled = opt.scale_loss(scaled)
+        grads = tape.gradient(scaled, variables)
+        opt.apply_gradients(zip(grads, variables))
+        ce = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights,
+                                 dice_weight=0.0)
+        values = {"loss": loss, "loss_ce": ce, "train_dice": foreground_dice(logits, label,
+                                                                             self.num_classes)}
+        for name, value in values.items():
+            self._trackers[name].update_state(value)
+        return {n: t.result() for n, t in self._trackers.items()}
+
+    # ------------------------------------------------------------ hooks of loop.train
+    def extra_callbacks(self):
+        return [_EncoderFreeze(self.freeze_encoder_steps)] if self.freeze_encoder_steps else []
+
+    def summary_images(self, batch):
+        """Middle axial slice: image, label and prediction (labels as grey levels)."""
+        image, label = batch["image"][:4], batch["label"][:4]
+        pred = ops.argmax(self.segmenter(image, training=False), axis=-1)
+        z = image.shape[3] // 2
+        scale = float(max(self.num_classes - 1, 1))
+        lab = ops.cast(label[:, :, :, z], "float32")[..., None] / scale
+        prd = ops.cast(pred[:, :, :, z], "float32")[..., None] / scale
+        img = image[:, :, :, z]
+        overlay = ops.concatenate([img, ops.maximum(img * 0.5, lab), ops.maximum(img * 0.5, prd)],
+                                  axis=2)
+        return {"image_label_prediction": overlay}
+
+
+def foreground_dice(logits, labels, num_classes):
+    """Hard Dice of the argmax prediction over all foreground classes of a
+    batch (a cheap training monitor; validation uses rr_tf.metrics)."""
+    pred = ops.argmax(logits, axis=-1)
+    labels = ops.cast(ops.reshape(labels, ops.shape(pred)), pred.dtype)
+    scores = []
+    for c in range(1, num_classes):
+        p = ops.cast(ops.equal(pred, c), "float32")
+        r = ops.cast(ops.equal(labels, c), "float32")
+        denom = ops.sum(p) + ops.sum(r)
+        scores.append(ops.where(denom > 0, 2.0 * ops.sum(p * r) / ops.maximum(denom, 1.0), 1.0))
+    return ops.mean(ops.stack(scores))
+
+
+class _EncoderFreeze(keras.callbacks.Callback):
+    """Encoder frozen (``trainable=False``: no updates, BatchNorm on moving
+    statistics) until ``until`` steps, then trained; the train function is
+    re-traced at the switch."""
+
+    def __init__(self, until):
+        super().__init__()
+        self.until = until
+
+    def _sync(self):
+        seg = self.model.segmenter
+        frozen = _step(self.model) < self.until
+        if frozen != seg.encoder_frozen:
+            seg.freeze_encoder(frozen)
+            self.model.make_train_function(force=True)
+
+    def on_train_begin(self, logs=None):
+        self._sync()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._sync()
+
+
+class Validation(keras.callbacks.Callback):
+    """Every ``every`` steps and at the end: sliding-window inference on
+    each validation volume, per-class Dice (``rr_tf.metrics``), TensorBoard
+    scalars, and the best weights (by mean foreground Dice) saved to
+    ``best_dir`` (``segmenter.weights.h5`` + ``best.json``, written under a
+    temporary name and renamed)."""
+
+    def __init__(self, cases, window, every, best_dir, logdir, labels, overlap=0.5,
+                 window_batch=2, log=print):
+        super().__init__()
+        self.cases, self.window, self.every = cases, tuple(window), every
+        self.best_dir, self.labels, self.overlap = best_dir, list(labels), overlap
+        self.window_batch, self.log = window_batch, log
+        self.writer = tf.summary.create_file_writer(logdir)
+        self.best = _read_best(best_dir)
+        self.last = None
+
+    def evaluate(self):
+        from rr_tf import metrics
+        from rr_tf.inference import keras_predict_fn, sliding_window_inference
+
+        predict = keras_predict_fn(self.model.segmenter)
+        per_case = {}
+        for case in self.cases:
+            probs = sliding_window_inference(case["image"], predict, self.window,
+                                             overlap=self.overlap, window_batch=self.window_batch)
+            pred = np.argmax(probs, axis=-1)
+            per_case[case["case_id"]] = metrics.evaluate_case(pred, case["label"], case["spacing"],
+                                                              self.labels)
+        return metrics.aggregate(per_case, self.labels)
+
+    def _run(self):
+        step = _step(self.model)
+        if step == self.last:
+            return
+        self.last = step
+        summary = self.evaluate()
+        mean = summary["overall"]["dice_class_mean"]
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("val/mean_dice", mean)
+            for label, stats in summary["classes"].items():
+                if not math.isnan(stats["dice_mean"]):
+                    tf.summary.scalar(f"val/dice_{label}", stats["dice_mean"])
+        self.writer.flush()
+        improved = self.best is None or mean > self.best["mean_dice"]
+        self.log(f"validation at step {step}: mean Dice {mean:.4f}"
+                 + (" (best so far)" if improved else f" (best {self.best['mean_dice']:.4f} "
+                                                       f"at step {self.best['step']})"))
+        if improved and not math.isnan(mean):
+            self.best = {"step": step, "mean_dice": mean,
+                         "per_class": {str(k): v["dice_mean"] for k, v in summary["classes"].items()}}
+            _write_best(self.best_dir, self.model.segmenter, self.best)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if _step(self.model) % self.every == 0:
+            self._run()
+
+    def on_train_end(self, logs=None):
+        self._run()
+
+
+def _read_best(best_dir):
+    path = os.path.join(best_dir, "best.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_best(best_dir, segmenter, info):
+    os.makedirs(best_dir, exist_ok=True)
+    tmp = os.path.join(best_dir, f".segmenter.tmp-{os.getpid()}.weights.h5")
+    segmenter.save_weights(tmp)
+    os.replace(tmp, os.path.join(best_dir, "segmenter.weights.h5"))
+    tmp = os.path.join(best_dir, f".best.tmp-{os.getpid()}.json")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(best_dir, "best.json"))
