@@ -37,6 +37,8 @@ class PretrainMethod(keras.Model):
     """
 
     metric_names = ("loss",)
+    # MICLe: True for methods whose batch is a contrastive pair view1/view2
+    supports_micle = False
 
     def __init__(self, config, **kwargs):
         super().__init__(**kwargs)
@@ -64,8 +66,10 @@ class PretrainMethod(keras.Model):
         """Backprop ``loss`` (already replica-scaled) into ``variables``
         (handles the float16 loss-scale optimizer)."""
         opt = self.optimizer
-        scaled = opt.scale_loss(loss) if hasattr(opt, "scale_loss") else loss
-        grads = tape.gradient(scaled, variables)
+        if hasattr(opt, "scale_loss"):
+            with tape:  # re-enter: the scaling must be recorded to reach the gradients
+                loss = opt.scale_loss(loss)
+        grads = tape.gradient(loss, variables)
         opt.apply_gradients(zip(grads, variables))
         return grads
 
@@ -78,6 +82,19 @@ class PretrainMethod(keras.Model):
                     return batch[key]
             return next(iter(batch.values()))
         return batch
+
+    @classmethod
+    def pair_recipe(cls, config, crop_size):
+        """MICLe (``--pairing=patient``): the two views come from two scans
+        of one patient when the manifest links several, else from one scan;
+        both are augmented as the method's own pairs are."""
+        from rr_tf.data import recipes
+        from rr_tf.errors import ConfigError
+
+        if not cls.supports_micle:
+            raise ConfigError("pairing", f"{cls.__name__} has no two-view contrastive term, so "
+                              "patient pairing (MICLe) does not apply to it")
+        return recipes.patient_pair(crop_size, augment=True)
 
     # ------------------------------------------------------------ HPT
     def momentum_encoders(self):

@@ -74,5 +74,8 @@ def set_precision(policy):
     names = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
     if policy not in names:
         raise ConfigError("mixed_precision", f"must be one of {tuple(names)}, got {policy!r}")
+    if policy == "float16" and accelerator_kind() != "gpu":
+        raise ConfigError("mixed_precision", "float16 needs a GPU: TensorFlow has no float16 "
+                          "MaxPool3D kernel on CPU; use bfloat16 on CPU and TPU")
     keras.mixed_precision.set_global_policy(names[policy])
     return names[policy]
