@@ -33,9 +33,7 @@ import io
 import json
 import math
 import os
-import struct
 import sys
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -386,22 +384,6 @@ def figure_grid(rows, gap=4, background=0.16):
     return (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def encode_png(rgb):
-    """uint8 [H, W, 3] -> PNG bytes (8-bit truecolour, zlib; no TF/PIL needed)."""
-    import numpy as np
-
-    rgb = np.ascontiguousarray(rgb, np.uint8)
-    h, w = rgb.shape[:2]
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1)
-
-    def chunk(tag, data):
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b""))
-
-
 def pick_figure_cases(per_case_means, count):
     """``count`` cases spread from the worst to the best mean Dice."""
     import numpy as np
@@ -455,6 +437,8 @@ def make_figure(chosen, views, labels, names, warnings):
                        "anterior up, patient's right on the left",
               "slice_index": {c: views[c]["k"] for c in chosen},
               "colours": {names[k]: list(PALETTE[(k - 1) % len(PALETTE)]) for k in labels}}
+    from rr_tf.utils.png import encode_png
+
     return figure, encode_png(figure_grid(rows))
 
 
