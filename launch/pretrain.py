@@ -39,6 +39,9 @@ flags.DEFINE_integer("train_steps", 1000, "Optimizer steps in total.", lower_bou
 flags.DEFINE_integer("batch_size", 4, "Global batch size (split across replicas).", lower_bound=1)
 flags.DEFINE_string("crop_size", "64,64,32", "Crop size D,H,W in voxels (each a multiple of 16 "
                     "for RepRec's stride-16 tokens).")
+flags.DEFINE_enum("pairing", "views", ["views", "patient"], "Two-view contrastive methods: both "
+                  "views from one scan (views), or from two scans of one patient when the manifest "
+                  "links several (patient = MICLe; a lone scan falls back to two views of itself).")
 flags.DEFINE_integer("crops_per_volume", 4, "Crops cut from each decoded volume.", lower_bound=1)
 flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd", "lamb"], "Optimizer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.", lower_bound=0.0)
@@ -74,7 +77,7 @@ flagutil.register_numbers_validator("phantom_spacing", 3, positive=True)
 def method_config(cls):
     """The method's Config: its published defaults, overridden by the
     hyper-parameter flags given (a flag of another method is an error)."""
-    return flagutil.config_from_flags(FLAGS.method, cls, METHOD_FLAGS)
+    return flagutil.config_from_flags(FLAGS.method, cls.Config, METHOD_FLAGS)
 
 
 def resolved_flags():
@@ -121,7 +124,7 @@ def main(argv):
             method=FLAGS.method, data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir,
             method_config=method_config(cls), train_steps=FLAGS.train_steps,
             batch_size=FLAGS.batch_size, crop_size=flagutil.parse_numbers(FLAGS.crop_size, 3, int),
-            crops_per_volume=FLAGS.crops_per_volume, optimizer=FLAGS.optimizer,
+            crops_per_volume=FLAGS.crops_per_volume, pairing=FLAGS.pairing, optimizer=FLAGS.optimizer,
             learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
             warmup_steps=FLAGS.warmup_steps, init_from=FLAGS.init_from, strategy=FLAGS.strategy,
             tpu=FLAGS.tpu, jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,

@@ -13,7 +13,7 @@ from rr_tf.models.layers import (BN_EPSILON, BN_MOMENTUM, MLP, NORMS, ConvBlock,
                                  group_count, interpolate_pos_embed, make_norm, resize3d,
                                  sincos_position_embedding_3d, upsample3d,
                                  sincos_position_embedding_3d_numpy)
-from rr_tf.models import segmenters  # noqa: F401,E402  (registers the segmenter classes)
+from rr_tf.models import segmenters, unet2d  # noqa: F401,E402  (registers their classes)
 from rr_tf.models.unet3d import UNet3D, unet3d_channels, unet3d_param_count
 from rr_tf.models.vit3d import (MaskedTokenDecoder, ViT3D, add_position_embedding,
                                 gather_tokens, num_visible, patchify, random_masking,
