@@ -30,6 +30,7 @@ Layer paths (for transfer by name, below the model's own name):
 import keras
 from keras import ops
 
+from rr_tf.models.segmenters import _Segmenter
 from rr_tf.models.layers import NORMS, _register, make_norm, with_channels
 from rr_tf.models.unet3d import _serialize_activation, unet3d_channels
 
@@ -333,7 +334,7 @@ class SliceFeatures(keras.Model):
 
 
 @_register
-class SliceSegmenter(keras.Model):
+class SliceSegmenter(_Segmenter):
     """2D segmenter for volumes: a :class:`UNet2D` (``unet2d``, head =
     ``num_classes`` logits) applied to every axial slice of a volume, with
     the slab of ``slab_size`` neighbouring slices as channels (edge-padded
@@ -355,17 +356,22 @@ class SliceSegmenter(keras.Model):
             raise ValueError(f"slab_size must be odd and >= 1, got {slab_size}")
         self.num_classes = int(num_classes)
         self.slab_size = int(slab_size)
+        self.divisor = 2 ** (int(levels) - 1)  # in-plane; any number of slices
         self.unet = UNet2D(base_width=base_width, levels=levels, norm=norm, skips=skips,
                            out_channels=self.num_classes, name="unet2d", dtype=self.dtype_policy)
+
+    def _encoder_layers(self):
+        return self.unet.encoder_layers
 
     def build(self, input_shape):
         self.unet.build((None, input_shape[1], input_shape[2], self.slab_size))
         self.built = True
+        self._record_encoder()
 
     def call(self, x, training=False):
         shape = ops.shape(x)
         logits = self.unet(volume_to_slabs(x, self.slab_size), training=training)
-        return slabs_to_volume(logits, shape[0], shape[3])
+        return self._logits(slabs_to_volume(logits, shape[0], shape[3]))
 
     def transfer_parts(self):
         return {"unet2d": self.unet}

@@ -150,6 +150,9 @@ def architecture_from(parts, kind):
         name = _RENAMES.get(name, name)
         if name in accepted and name not in ("name", "dtype", "trainable"):
             args[name] = value
+    if kind == "slice2d":  # slices per slab = input channels of the first convolution
+        first = next(v for v in parts[key].weights if v.path.endswith("kernel"))
+        args["slab_size"] = int(first.shape[-2])
     return args
 
 
