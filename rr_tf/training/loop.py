@@ -93,6 +93,18 @@ def restore_latest(method, checkpoint_dir):
     return int(method.optimizer.iterations.numpy())
 
 
+def restore_weights(method, checkpoint_dir):
+    """Restores only the model variables (weights, BN statistics, EMA
+    copies, queues) of the newest checkpoint, whatever optimizer wrote it
+    (export, HPT, inspection). Returns the checkpoint path, or None."""
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        return None
+    model = tf.train.Checkpoint(**checkpoint_variables_of("model", method.weights))
+    model.read(latest).expect_partial().assert_existing_objects_matched()
+    return latest
+
+
 def train(method, dataset, run_dir, config, preview_batch=None, hparams=None, callbacks=None):
     """Trains ``method`` (a compiled, built keras.Model with a custom
     train_step) on ``dataset`` until ``config.train_steps``.

@@ -8,7 +8,7 @@ import sys
 import keras
 
 from rr_tf.data import records
-from rr_tf.data.pipeline import StreamConfig, view_dataset
+from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, view_dataset
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
 from rr_tf.training import loop, optim, strategy as st
@@ -27,6 +27,7 @@ class PretrainConfig:
     batch_size: int = 4
     crop_size: tuple = (64, 64, 32)
     crops_per_volume: int = 4
+    pairing: str = "views"       # "views" | "patient" (MICLe: views from two scans of a patient)
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
@@ -49,6 +50,8 @@ class PretrainConfig:
     def validate(self):
         if len(self.crop_size) != 3 or min(self.crop_size) < 1:
             raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
+        if self.pairing not in ("views", "patient"):
+            raise ConfigError("pairing", f"must be 'views' or 'patient', got {self.pairing!r}")
         if self.init_from and not os.path.exists(self.init_from):
             raise ConfigError("init_from", f"{self.init_from} does not exist")
 
@@ -70,9 +73,22 @@ def load_trained(run_dir):
     method = cls(cls.Config(**state["method_config"]), seed=state.get("seed", 0))
     method.compile(optimizer=optim.build_optimizer("adamw", 1e-3, 2), jit_compile=False)
     method.build_for(cls.example_batch(tuple(state["crop_size"])))
-    if loop.restore_latest(method, run.checkpoints) == 0:
+    if not loop.restore_weights(method, run.checkpoints):
         raise ConfigError("run_dir", f"{run.checkpoints} holds no checkpoint yet")
     return method, spec
+
+
+def micle_summary(manifest):
+    """One line: how many training patients have two or more scans."""
+    import collections
+
+    count = collections.Counter(c["patient_id"] for c in manifest["cases"] if c["split"] == "train")
+    multi = sum(1 for n in count.values() if n > 1)
+    line = (f"MICLe pairing: {multi} of {len(count)} training patients have two or more scans "
+            "(their views come from two different scans)")
+    if not multi:
+        line += "; none do, so every pair is two views of one scan (plain two-view pairing)"
+    return line
 
 
 def run_pretraining(config, log=None):
@@ -101,8 +117,13 @@ def run_pretraining(config, log=None):
         f"data {config.data_dir} ({spec.describe()})")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
                           seed=config.seed + _DATA_RESEED * step0)
-    recipe = cls.recipe(method_config, tuple(config.crop_size))
-    dataset, _ = view_dataset(config.data_dir, "train", recipe, stream)
+    if config.pairing == "patient":
+        pair_fn = cls.pair_recipe(method_config, tuple(config.crop_size))
+        log(micle_summary(manifest))
+        dataset, _ = pair_view_dataset(config.data_dir, "train", pair_fn, stream)
+    else:
+        recipe = cls.recipe(method_config, tuple(config.crop_size))
+        dataset, _ = view_dataset(config.data_dir, "train", recipe, stream)
     preview = next(iter(dataset))
     with strategy.scope():
         method = cls(method_config, seed=config.seed)
@@ -115,7 +136,7 @@ def run_pretraining(config, log=None):
             report.save(os.path.join(run.path, "init_from.json"))
             log(f"init_from: {report.summary()}; details in {run.path}/init_from.json")
     hparams = dict(dataclasses.asdict(method_config), method=config.method,
-                   batch_size=config.batch_size, crop_size=str(config.crop_size),
+                   batch_size=config.batch_size, crop_size=str(config.crop_size), pairing=config.pairing,
                    learning_rate=config.learning_rate, optimizer=config.optimizer,
                    spec_hash=spec.hash)
     result = loop.train(method, dataset, run,
