@@ -84,15 +84,24 @@ def paired_spatial(image, label, seed):
     return augment.random_affine(image, s_aff, label=label, scale=(0.9, 1.1), degrees=10.0)
 
 
-def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD_HU):
+def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD_HU, augment=False,
+                 spatial_affine=True):
     """MICLe positives: one crop from each of two scans of a patient (the
-    scans may differ in shape and position, so each gets its own box)."""
+    scans may differ in shape and position, so each gets its own box).
+    ``augment``: the two crops then get the spatial and intensity
+    augmentation of :func:`contrastive_pair` (float32 output, the batch
+    structure of ``contrastive_pair``); otherwise they stay int16 HU."""
     single = random_crop(crop_size, foreground_p, threshold)
 
     def fn(image_a, image_b, seed, to_unit):
-        s_a, s_b = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        s_a, s_b, s_sp, s_in = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
         a, b = single(image_a, s_a, to_unit), single(image_b, s_b, to_unit)
-        return {"view1": a["view"], "box1": a["box"], "view2": b["view"], "box2": b["box"]}
+        out = {"view1": a["view"], "box1": a["box"], "view2": b["view"], "box2": b["box"]}
+        if augment:
+            pair = to_unit(tf.stack([a["view"], b["view"]]))
+            pair = _intensity(_spatial(pair, s_sp, spatial_affine), s_in, swap=False)
+            out["view1"], out["view2"] = pair[0], pair[1]
+        return out
 
     return fn
 
@@ -197,5 +206,217 @@ def contrastive_pair(crop_size, out_size=None, min_iou=0.3, scales=(1.0, 1.25, 1
         pair = tf.stack([_crop_unit(image, b, out_size, to_unit) for b in (b1, b2)])
         pair = _intensity(_spatial(pair, s[1], spatial_affine), s[2], swap=False)
         return {"box1": b1, "box2": b2, "view1": pair[0], "view2": pair[1]}
+
+    return fn
+
+
+@tf.function(jit_compile=True)
+def _flip_xla(crops, seeds):
+    """Random flips (each axis p 0.5) of a stack of crops; returns the
+    crops and their flip bits [N, 3] (PGL needs them to align the views)."""
+    out, bits = [], []
+    for i in range(crops.shape[0]):
+        x, f = augment.random_flip(crops[i], seeds[i])
+        out.append(x)
+        bits.append(f)
+    return tf.stack(out), tf.stack(bits)
+
+
+def pgl_pair(crop_size, min_iou=0.3, scales=(1.0, 1.25, 1.5), intensity=True):
+    """PGL sample: two views of one volume whose geometry is *known*: crops
+    of ``crop_size`` x a scale from ``scales`` with IoU >= ``min_iou``,
+    resized to ``crop_size``, flipped at random; then (``intensity``) blur,
+    noise and gamma, which move no voxel. Returns the views, their boxes
+    ``box1/2`` and flip bits ``flips1/2`` (int32 [3]), from which
+    :func:`rr_tf.methods.alignment.overlap_regions` finds the overlap in
+    each view. No affine and no patch swap: both would break the exact
+    voxel correspondence the local consistency loss relies on."""
+    crop_size = tuple(int(c) for c in crop_size)
+    sizes = [[int(round(c * f)) for c in crop_size] for f in scales]
+
+    def fn(image, seed, to_unit):
+        s = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
+        pair = tf.stack([_crop_unit(image, b, crop_size, to_unit) for b in (b1, b2)])
+        pair, flips = _flip_xla(pair, tf.random.experimental.stateless_split(s[1], 2))
+        if intensity:
+            pair = _intensity(pair, s[2], swap=False)
+        return {"view1": pair[0], "view2": pair[1], "box1": b1, "box2": b2,
+                "flips1": flips[0], "flips2": flips[1]}
+
+    return fn
+
+
+def slice_slabs(crop_size, neighbour_range=2, foreground_p=0.9, scales=(1.0, 1.25, 1.5),
+                threshold=BODY_THRESHOLD_HU, corrupt=True):
+    """Sequential multi-task sample (``rr_tf.methods.multitask``): two
+    augmented slabs of neighbouring axial slices, a clean restoration target,
+    its Genesis-corrupted copy and the slabs' normalised z-positions.
+
+    ``crop_size = (X, Y, k)``: a slab is an ``X x Y`` in-plane window of the
+    ``k`` (odd) consecutive axial slices ``z - k//2 .. z + k//2`` (the stored
+    volume is RAS, so axial slices run along its last spatial axis; slices
+    beyond the volume's ends repeat the first / last one, as
+    ``rr_tf.models.unet2d.volume_to_slabs`` does). Slabs come out as
+    ``[X, Y, k]``: the slices are channels.
+
+    1. Anchor ``(x, y, z)``: a body voxel (HU > ``threshold``) with
+       probability ``foreground_p``, else uniform. ``z' = z + U{-n..n}``
+       (``n = neighbour_range``; 0 = the same slice twice), clipped to the
+       volume.
+    2. In-plane windows of ``(X, Y)`` times a scale from ``scales`` (clipped
+       to the volume), the first around the anchor, the second shifted by
+       up to a quarter window; both resized to ``(X, Y)``.
+    3. Each slab: random in-plane flips (``target`` = slab 1 after flips),
+       then intensity augmentation (blur, noise, gamma, each p 0.5) ->
+       ``slab1``, ``slab2``.
+    4. ``corrupted``: the published Models Genesis corruption of ``target``
+       (local shuffling, Bezier, in/out-painting), applied in-plane and
+       identically to the k slices (the slab is handled as an
+       ``[X, Y, 1, k]`` crop with k channels).
+    5. ``position1/2 = z / (depth - 1)`` (0 for a one-slice volume), with
+       ``depth`` the stored volume's z extent.
+
+    Returns float32 ``slab1``, ``slab2``, ``target``, ``corrupted`` ``[X, Y, k]``,
+    ``position1``, ``position2`` (scalars), int32 ``z1``, ``z2``, ``depth`` and
+    the boxes ``box1``, ``box2`` (``[2, 3]``: start / size with the z range of
+    the slab, before clamping to the volume). Static shapes.
+    """
+    crop_size = tuple(int(c) for c in crop_size)
+    out_xy, k = crop_size[:2], crop_size[2]
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"slice_slabs: the slab depth crop_size[2] must be odd, got {k}")
+    r, n = k // 2, int(neighbour_range)
+    sizes = tf.constant([[int(round(c * f)) for c in out_xy] for f in scales], tf.int32)
+
+    def anchor(image, seed):
+        s_coin, s_fg, s_jit, s_uni = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        shape = tf.shape(image)[:3]
+        one = tf.ones([3], tf.int32)
+        stride = 4  # foreground voxels are found on a stride-4 grid; jitter inside the cell
+
+        def fg():
+            start = views.foreground_box(image, one, s_fg, threshold, stride=stride)[0]
+            jitter = views.random_box(tf.fill([3], stride), one, s_jit)[0]
+            return tf.minimum(start + jitter, shape - 1)
+
+        uni = lambda: views.random_box(shape, one, s_uni)[0]  # noqa: E731
+        return fg() if foreground_p >= 1 else tf.cond(_coin(s_coin, foreground_p), fg, uni)
+
+    def window(centre, shape_xy, seed):
+        i = tf.random.stateless_uniform([], seed, 0, tf.shape(sizes)[0], dtype=tf.int32)
+        size = tf.minimum(sizes[i], shape_xy)
+        start = tf.clip_by_value(centre - size // 2, 0, tf.maximum(shape_xy - size, 0))
+        return start, size
+
+    def slab(image, start, size, z, to_unit):
+        depth = tf.shape(image)[2]
+        thin = tf.gather(image, tf.clip_by_value(z - r + tf.range(k), 0, depth - 1), axis=2)
+        box = views.make_box(tf.concat([start, [0]], 0), tf.concat([size, [k]], 0))
+        x = views.crop_resize(thin, box, out_xy + (k,), pad_value=views.PAD_HU, scale=to_unit)
+        x = tf.transpose(x, [0, 1, 3, 2])  # [X, Y, 1, k]: in-plane crop, slices as channels
+        return tf.ensure_shape(x, out_xy + (1, k))
+
+    def fn(image, seed, to_unit):
+        s = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
+        shape = tf.shape(image)[:3]
+        depth = shape[2]
+        c = anchor(image, s[0])
+        z1 = c[2]
+        z2 = tf.clip_by_value(z1 + tf.random.stateless_uniform([], s[1], -n, n + 1, tf.int32),
+                              0, depth - 1)
+        start1, size1 = window(c[:2], shape[:2], s[2])
+        shift = tf.random.stateless_uniform([2], s[3], -1.0, 1.0) * tf.cast(size1 // 4, tf.float32)
+        start2, size2 = window(c[:2] + tf.cast(tf.round(shift), tf.int32), shape[:2], s[4])
+        raw = tf.stack([slab(image, start1, size1, z1, to_unit),
+                        slab(image, start2, size2, z2, to_unit)])
+        clean = _spatial(raw, s[5], affine=False)  # flips; the size-1 axis flips to itself
+        aug = _intensity(clean, s[6], swap=False)
+        target = clean[0]
+        corrupted = augment.genesis_corrupt(target, s[7]) if corrupt else target
+        span = tf.cast(tf.maximum(depth - 1, 1), tf.float32)
+        as_slab = lambda x: tf.ensure_shape(x[:, :, 0, :], out_xy + (k,))  # noqa: E731
+        box = lambda st, sz, z: views.make_box(tf.concat([st, [z - r]], 0),  # noqa: E731
+                                               tf.concat([sz, [k]], 0))
+        return {"slab1": as_slab(aug[0]), "slab2": as_slab(aug[1]), "target": as_slab(target),
+                "corrupted": as_slab(corrupted),
+                "position1": tf.cast(z1, tf.float32) / span,
+                "position2": tf.cast(z2, tf.float32) / span,
+                "z1": z1, "z2": z2, "depth": depth,
+                "box1": box(start1, size1, z1), "box2": box(start2, size2, z2)}
+
+    return fn
+
+
+def genesis_pair(crop_size, flip_p=0.4, shuffle_p=0.5, nonlinear_p=0.9, paint_p=0.9,
+                 outpaint_p=0.8, foreground_p=0.5, threshold=BODY_THRESHOLD_HU):
+    """Models Genesis sample: ``target`` is a crop (network units) flipped
+    along each axis with probability ``flip_p``; ``input`` is that target
+    after the Genesis corruptions (:func:`rr_tf.data.augment.genesis_corrupt`:
+    local pixel shuffling, non-linear Bezier mapping, out-/in-painting), so
+    the flips apply to input and target alike. ``flips`` (int32 [3]) records
+    them, ``box`` the crop. With probability ``foreground_p`` the crop is
+    centred on a body voxel (Genesis skips cubes of nearly only air)."""
+    crop_size = tuple(int(c) for c in crop_size)
+    single = random_crop(crop_size, foreground_p, threshold)
+
+    def fn(image, seed, to_unit):
+        s_crop, s_flip, s_corrupt = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        crop = single(image, s_crop, to_unit)
+        target, flips = augment.random_flip(to_unit(crop["view"]), s_flip, p=flip_p)
+        corrupted = augment.genesis_corrupt(target, s_corrupt, shuffle_p=shuffle_p,
+                                            nonlinear_p=nonlinear_p, paint_p=paint_p,
+                                            outpaint_p=outpaint_p)
+        return {"input": corrupted, "target": target, "box": crop["box"], "flips": flips}
+
+    return fn
+
+
+def pcrl_transform(x, seed):
+    """PCRL's transformation for the conditioned decoder, on one crop
+    (D, H, W, C): flip each spatial axis with probability 0.5, then rotate
+    by ``k * 90`` degrees (k uniform in 0..3) in the (D, H) plane (as
+    ``np.rot90(x, k, axes=(0, 1))``; D and H must be equal). Returns
+    ``(transformed, vector)`` with the float32 7-d vector
+    ``[flip_D, flip_H, flip_W, onehot(k, 4)]`` that the gating MLP reads."""
+    s_flip, s_rot = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    y, flips = augment.random_flip(x, s_flip)
+    y, k = augment.random_rot90(y, s_rot, axes=(0, 1))
+    vector = tf.concat([tf.cast(flips, tf.float32), tf.one_hot(k, 4, dtype=tf.float32)], 0)
+    return tf.ensure_shape(y, x.shape), vector
+
+
+def pcrl_views(crop_size, min_iou=0.3, scales=(1.0, 1.25, 1.5), shuffle_p=0.5, paint_p=0.9,
+               outpaint_p=0.8, spatial_affine=True):
+    """PCRL sample: two crops of one volume (``crop_size`` x a scale from
+    ``scales``, IoU >= ``min_iou``, resized to ``crop_size``, boxes returned).
+
+    Per view ``i``: ``target{i}`` is the crop after spatial augmentation
+    (flip + small affine: PCRL's torchio RandomFlip + RandomAffine);
+    ``view{i}``, the network input, is the target after Gaussian blur (p 0.5,
+    PCRL's RandomBlur) and the Genesis local pixel shuffling (``shuffle_p``)
+    and painting (``paint_p``; out-painting ``outpaint_p``, else
+    in-painting); ``aug{i}`` is the 7-d vector of a further flip + rot90
+    (:func:`pcrl_transform`) and ``aug_target{i}`` the target transformed by
+    it: what the decoder conditioned on ``aug{i}`` must output."""
+    crop_size = tuple(int(c) for c in crop_size)
+    sizes = [[int(round(c * f)) for c in crop_size] for f in scales]
+
+    def fn(image, seed, to_unit):
+        s = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
+        pair = tf.stack([_crop_unit(image, b, crop_size, to_unit) for b in (b1, b2)])
+        clean = _spatial(pair, s[1], spatial_affine)
+        blurred = _blur_xla(clean, tf.random.experimental.stateless_split(s[2], 2))
+        s_corrupt = tf.random.experimental.stateless_split(s[3], 2)
+        s_transform = tf.random.experimental.stateless_split(s[4], 2)
+        out = {"box1": b1, "box2": b2}
+        for i in range(2):
+            out[f"view{i + 1}"] = augment.genesis_corrupt(
+                blurred[i], s_corrupt[i], shuffle_p=shuffle_p, nonlinear_p=0.0, paint_p=paint_p,
+                outpaint_p=outpaint_p)
+            out[f"target{i + 1}"] = clean[i]
+            out[f"aug_target{i + 1}"], out[f"aug{i + 1}"] = pcrl_transform(clean[i], s_transform[i])
+        return out
 
     return fn

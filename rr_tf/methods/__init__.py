@@ -11,6 +11,14 @@ from rr_tf.errors import ConfigError
 
 _REGISTRY = {
     "reprec": "rr_tf.methods.reprec:RepRec",
+    "genesis": "rr_tf.methods.genesis:ModelsGenesis",
+    "pcrl": "rr_tf.methods.pcrl:PCRL",
+    "multitask": "rr_tf.methods.multitask:SequentialMultiTask",
+    "pcrlv2": "rr_tf.methods.pcrlv2:PCRLv2",
+    "pgl": "rr_tf.methods.pgl:PGL",
+    "moco": "rr_tf.methods.moco:MoCo",
+    "simclr": "rr_tf.methods.simclr:SimCLR",
+    "mae": "rr_tf.methods.mae:MAE",
 }
 
 

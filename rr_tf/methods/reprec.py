@@ -31,12 +31,13 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.contrastive import SIMCLR_TEMPERATURE, ContrastiveBranch
+from rr_tf.methods.masking import global_random_masking, optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
 from rr_tf.models.layers import NORMS
-from rr_tf.models.momentum import MomentumEncoder, Queue, gather_from_replicas, replica_row_offset
+from rr_tf.models.momentum import Queue
 from rr_tf.models.parts import CNNPyramid, HybridFeatures
-from rr_tf.models.vit3d import num_visible
 
 
 @dataclasses.dataclass
@@ -72,11 +73,16 @@ class Config:
 CELL = 16  # token cell = CNN stride
 
 
-class RepRec(PretrainMethod):
-    """The RepRec pre-training model; ``train_step`` implements the objective."""
+class RepRec(ContrastiveBranch, PretrainMethod):
+    """The RepRec pre-training model; ``train_step`` implements the objective.
+
+    The CNN branch (MoCo v2 or SimCLR: ``contrastive_terms``, the momentum
+    CNN ``cnn_ema`` + ``proj_ema``, the queue) is the shared
+    :class:`rr_tf.methods.contrastive.ContrastiveBranch`."""
 
     Config = Config
     metric_names = ("loss", "loss_contrast", "loss_recover", "contrast_acc", "embedding_std")
+    supports_micle = True
 
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="reprec", **kwargs)
@@ -91,6 +97,18 @@ class RepRec(PretrainMethod):
         self.queue = Queue(config.queue_size, config.proj_dim, seed=seed, name="queue")
         self.seed = int(seed)
         self.stage = 1 if config.schedule == "two_stage" else 0  # 0 = joint
+
+    # ------------------------------------------------------------ contrastive branch
+    @property
+    def contrastive_mode(self):
+        return self.config.contrastive
+
+    @property
+    def contrastive_temperature(self):
+        return self.config.temperature if self.config.contrastive == "moco" else SIMCLR_TEMPERATURE
+
+    def contrastive_features(self, x, training=False):
+        return self.encoder.cnn_features(x, training=training)[1]
 
     # ------------------------------------------------------------ set-up
     @staticmethod
@@ -129,8 +147,7 @@ class RepRec(PretrainMethod):
         self.encoder.build(v.shape)
         _, fmap = self.encoder.cnn_features(v)
         self.proj(fmap)
-        self.cnn_ema = MomentumEncoder(self.encoder.cnn, self.config.momentum, name="cnn_ema")
-        self.proj_ema = MomentumEncoder(self.proj, self.config.momentum, name="projection_ema")
+        self.build_momentum_branch(self.encoder.cnn, self.config.momentum)
         self.queue.build(None)
         self(v)  # marks the model built
         self.built = True
@@ -150,20 +167,9 @@ class RepRec(PretrainMethod):
         batch and this replica takes its rows, so 1 or N replicas mask the
         same samples the same way (argsort of uniform noise, as MAE)."""
         grid = tuple(int(s) // CELL for s in volume.shape[1:4])
-        n = grid[0] * grid[1] * grid[2]
-        local = tf.shape(volume)[0]
-        total = tf.shape(gather_from_replicas(tf.zeros([local, 1])))[0]
-        start = replica_row_offset(volume)
-        step = tf.cast(self.optimizer.iterations, tf.int32) if self.optimizer is not None else 0
-        noise = tf.random.stateless_uniform([total, n], tf.stack([self.seed, step]))
-        noise = noise[start:start + local]
-        ids_shuffle = tf.argsort(noise, axis=1, stable=True)
-        ids_restore = tf.argsort(ids_shuffle, axis=1, stable=True)
-        keep = num_visible(n, self.config.mask_ratio)
-        ids_keep = ids_shuffle[:, :keep]
-        token_mask = tf.cast(tf.gather(tf.concat([tf.zeros([local, keep]),
-                                                  tf.ones([local, n - keep])], 1),
-                                       ids_restore, batch_dims=1), tf.float32)
+        token_mask, ids_keep, ids_restore = global_random_masking(
+            volume, grid[0] * grid[1] * grid[2], self.config.mask_ratio, self.seed,
+            optimizer_step(self))
         m = tf.reshape(token_mask, (-1,) + grid + (1,))
         for axis in (1, 2, 3):
             m = tf.repeat(m, CELL, axis=axis)
@@ -171,28 +177,13 @@ class RepRec(PretrainMethod):
 
     def masked_input(self, volume, voxel_mask):
         if self.config.mask_fill == "noise":
-            step = tf.cast(self.optimizer.iterations, tf.int32) if self.optimizer is not None else 0
+            step = optimizer_step(self)
             fill = tf.random.stateless_uniform(tf.shape(volume), tf.stack([self.seed + 1, step]),
                                                dtype=volume.dtype)
         else:
             fill = ops.zeros_like(volume)
         vm = ops.cast(voxel_mask, volume.dtype)
         return volume * (1.0 - vm) + fill * vm
-
-    def contrastive_terms(self, v1, v2, training):
-        """(loss, logits, queries, keys) of the CNN branch."""
-        _, f1 = self.encoder.cnn_features(v1, training=training)
-        q = self.proj(f1, training=training)
-        if self.config.contrastive == "simclr":
-            _, f2 = self.encoder.cnn_features(v2, training=training)
-            z2 = self.proj(f2, training=training)
-            loss, logits = losses.nt_xent_global(
-                q, z2, gather_from_replicas(q), gather_from_replicas(z2), replica_row_offset(q),
-                temperature=0.1)
-            return loss, logits, q, None
-        k = ops.stop_gradient(self.proj_ema(self.cnn_ema(v2)[-1]))
-        loss, logits = losses.info_nce(q, k, self.queue.values(), self.config.temperature)
-        return loss, logits, q, k
 
     def recovery_terms(self, v1, training, frozen_cnn=False):
         """(loss, prediction, target, token_mask, masked input) of the transformer branch."""
@@ -222,9 +213,7 @@ class RepRec(PretrainMethod):
         cfg, stage = self.config, self.stage
         # The momentum CNN gives the recovery targets (and MoCo's keys); MoCo
         # updates it before computing keys. SimCLR needs no key head.
-        self.cnn_ema.update()
-        if cfg.contrastive == "moco":
-            self.proj_ema.update()
+        self.momentum_update(head=cfg.contrastive == "moco")
         zero = ops.zeros(())
         with tf.GradientTape() as tape:
             if stage in (0, 1):
@@ -240,8 +229,7 @@ class RepRec(PretrainMethod):
             total = lam_c * l_con + lam_r * l_rec
             scaled = self.replica_scaled(total)
         self.backprop(tape, scaled, self._variables_for_stage(stage))
-        if k is not None:
-            self.queue.enqueue(k)
+        self.enqueue_keys(k)
         if stage == 2:
             self.cnn_ema.update(0.0)  # frozen CNN: the target follows it exactly
         if cfg.schedule == "joint" or stage == 1:

@@ -1,0 +1,203 @@
+"""The contrastive CNN branch shared by MoCo v2, SimCLR and RepRec.
+
+Two views of one volume go through the online CNN and a projection head:
+
+* **MoCo v2** (He et al. 2020; Chen et al. 2020, "Improved baselines"): the
+  query ``q`` comes from view 1 through the online network; the key ``k``
+  from view 2 through a *momentum* copy of CNN + head (EMA, ``m = 0.999``,
+  updated once per step *before* the keys are computed), with no gradient.
+  InfoNCE (tau 0.2) of ``q`` against ``k`` and a FIFO queue of earlier keys
+  (16384 x 128); after the step the keys of all replicas are gathered and
+  enqueued (:class:`rr_tf.models.momentum.Queue` gathers them).
+* **SimCLR** (Chen et al. 2020): both views through the online network;
+  NT-Xent (tau 0.1) where each view's negatives are the other ``2N - 2``
+  views of the *global* batch (gathered from all replicas, differentiably).
+
+:class:`ContrastiveBranch` is the mixin that holds this once. A host method
+provides ``self.proj`` (the online head), ``self.queue`` (MoCo), and
+
+* ``contrastive_features(x, training)``: the online CNN's last feature map;
+* ``contrastive_mode``: ``"moco"`` or ``"simclr"``;
+* ``contrastive_temperature``: tau;
+
+and calls ``build_momentum_branch(cnn, m)`` in ``build_for`` (MoCo: the key
+encoder ``cnn_ema`` + ``projection_ema``; RepRec also uses ``cnn_ema`` for its
+recovery targets). :class:`ContrastiveEncoderMethod` is the common body of
+the MoCo and SimCLR methods (UNet3D encoder + head on a contrastive pair).
+
+Key-encoder note: the EMA copy runs in inference mode (its BatchNorm uses the
+EMA of the online moving statistics), so no batch statistics are shared
+between the samples of a key batch; MoCo's "shuffling BN" solves the same
+leak for a key encoder run in training mode.
+"""
+
+import tensorflow as tf
+from keras import ops
+
+from rr_tf import losses
+from rr_tf.data import recipes
+from rr_tf.errors import ConfigError
+from rr_tf.methods.base import PretrainMethod
+from rr_tf.models.heads import ProjectionHead
+from rr_tf.models.momentum import MomentumEncoder, gather_from_replicas, replica_row_offset
+from rr_tf.models.parts import CNNPyramid
+from rr_tf.models.unet3d import UNet3D
+
+SIMCLR_TEMPERATURE = 0.1  # SimCLR's NT-Xent tau (RepRec's simclr flag uses it)
+
+
+def simclr_global_loss(z1, z2, temperature=SIMCLR_TEMPERATURE):
+    """NT-Xent of this replica's pairs ``(z1, z2)`` against the global batch.
+
+    Under tf.distribute both projections are gathered from every replica
+    (``all_gather`` passes gradients back to the producing replica) and this
+    replica's rows are the anchors; on one device it is plain NT-Xent.
+    Returns ``(loss, logits)`` (positive in column 0)."""
+    return losses.nt_xent_global(z1, z2, gather_from_replicas(z1), gather_from_replicas(z2),
+                                 replica_row_offset(z1), temperature=temperature)
+
+
+class ContrastiveBranch:
+    """Mixin: the MoCo v2 / SimCLR objective of a CNN + projection head.
+
+    See the module docstring for what the host class provides."""
+
+    contrastive_mode = "moco"
+    contrastive_temperature = 0.2
+
+    def contrastive_features(self, x, training=False):
+        raise NotImplementedError
+
+    def build_momentum_branch(self, cnn, momentum):
+        """The EMA copies of ``cnn`` and ``self.proj`` (key encoder), created
+        in this order (``cnn_ema``, ``projection_ema``): checkpoints key
+        variables by their order."""
+        self.cnn_ema = MomentumEncoder(cnn, momentum, name="cnn_ema")
+        self.proj_ema = MomentumEncoder(self.proj, momentum, name="projection_ema")
+
+    def momentum_update(self, head=True):
+        """One EMA step of the key encoder (MoCo: before computing keys)."""
+        self.cnn_ema.update()
+        if head:
+            self.proj_ema.update()
+
+    def keys(self, v2):
+        """MoCo keys of view 2: momentum CNN + head, no gradient."""
+        return ops.stop_gradient(self.proj_ema(self.cnn_ema(v2)[-1]))
+
+    def simclr_projections(self, v1, v2, training=False):
+        """SimCLR: both views through the online CNN + head as *one* batch of
+        2N, as the SimCLR code does (BatchNorm statistics over all views);
+        returns ``(z1, z2)``."""
+        b = ops.shape(v1)[0]
+        x = ops.concatenate([v1, v2], axis=0)
+        z = self.proj(self.contrastive_features(x, training=training), training=training)
+        return z[:b], z[b:]
+
+    def contrastive_terms(self, v1, v2, training=False):
+        """``(loss, logits, queries, keys)``; keys is None for SimCLR, whose
+        ``queries`` are view 1's projections (view 2's enter the loss only)."""
+        if self.contrastive_mode == "simclr":
+            q, z2 = self.simclr_projections(v1, v2, training=training)
+            loss, logits = simclr_global_loss(q, z2, self.contrastive_temperature)
+            return loss, logits, q, None
+        q = self.proj(self.contrastive_features(v1, training=training), training=training)
+        k = self.keys(v2)
+        loss, logits = losses.info_nce(q, k, self.queue.values(), self.contrastive_temperature)
+        return loss, logits, q, k
+
+    def enqueue_keys(self, k):
+        """FIFO: the keys of every replica replace the oldest queue rows."""
+        if k is not None:
+            self.queue.enqueue(k)
+
+
+class ContrastiveEncoderMethod(ContrastiveBranch, PretrainMethod):
+    """MoCo / SimCLR body: a UNet3D encoder (``cnn``, Genesis widths) and a
+    projection head (``projection``) trained on a contrastive pair.
+
+    Subclasses set ``Config``, ``contrastive_mode``, ``name`` and write
+    ``train_step``; the Config has ``base_width``, ``levels``, ``norm``,
+    ``proj_dim``, ``proj_hidden_dim``, ``proj_bn`` and ``temperature``."""
+
+    metric_names = ("loss", "contrast_acc", "embedding_std")
+    supports_micle = True  # the batch is a view1/view2 pair: --pairing=patient applies
+
+    def __init__(self, config, seed=0, name="contrastive", **kwargs):
+        super().__init__(config, name=name, **kwargs)
+        self.seed = int(seed)
+        self.cnn = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
+                          encoder_only=True, name="cnn")
+        self.proj = ProjectionHead(hidden_dim=config.proj_hidden_dim, out_dim=config.proj_dim,
+                                   use_bn=config.proj_bn, name="projection")
+
+    @property
+    def contrastive_temperature(self):
+        return self.config.temperature
+
+    def contrastive_features(self, x, training=False):
+        return self.cnn.encode(x, training=training)[-1]
+
+    # ------------------------------------------------------------ set-up
+    @staticmethod
+    def recipe(config, crop_size):
+        return recipes.contrastive_pair(crop_size)
+
+    @staticmethod
+    def check_config(config, run):
+        factor = 2 ** (config.levels - 1)
+        if any(c % factor for c in run.crop_size):
+            raise ConfigError("crop_size", f"the {config.levels}-level UNet3D encoder needs "
+                              f"multiples of {factor}, got {run.crop_size}")
+
+    @staticmethod
+    def example_batch(crop_size, batch_size=2):
+        shape = (batch_size,) + tuple(crop_size) + (1,)
+        return {"view1": tf.zeros(shape), "view2": tf.zeros(shape)}
+
+    def build_online(self, batch):
+        """Builds the online CNN and head from one batch; returns the volume."""
+        v = self.sample_volume(batch)
+        self.cnn.build(v.shape)
+        self.proj(self.contrastive_features(v))
+        return v
+
+    def finish_build(self, v):
+        self(v)
+        self.built = True
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def call(self, x, training=False):
+        """The online embedding of a volume batch ``[B, proj_dim]``."""
+        return self.proj(self.contrastive_features(x, training=training), training=training)
+
+    def contrastive_report(self, loss, logits, q):
+        return self.report(loss=loss, contrast_acc=losses.contrastive_accuracy(logits),
+                           embedding_std=losses.embedding_std(q))
+
+    # ------------------------------------------------------------ monitoring
+    def summary_images(self, batch):
+        """Middle axial slices of both views, and the cosine similarity of
+        view-1 against view-2 embeddings of the shown samples (positives on
+        the diagonal; (cos + 1) / 2 in [0, 1])."""
+        v1, v2 = batch["view1"][:8], batch["view2"][:8]
+        z1 = losses.l2_normalize(self(v1))
+        z2 = losses.l2_normalize(self(v2))
+        sim = (ops.matmul(z1, ops.transpose(z2)) + 1.0) / 2.0
+        z = v1.shape[3] // 2
+        return {"view1": v1[:4, :, :, z], "view2": v2[:4, :, :, z],
+                "similarity": sim[None, :, :, None]}
+
+    # ------------------------------------------------------------ transfer
+    def transfer_parts(self):
+        """The UNet3D encoder (what HPT and fine-tuning load)."""
+        return {"unet": self.cnn}
+
+    def export_parts(self):
+        """The encoder pyramid (``stride_1`` .. ``stride_8``) for a segmenter."""
+        return {"cnn_encoder": CNNPyramid(self.cnn)}
+
+
+__all__ = ["SIMCLR_TEMPERATURE", "simclr_global_loss", "ContrastiveBranch",
+           "ContrastiveEncoderMethod"]

@@ -1,0 +1,78 @@
+"""MoCo v2 (He et al., CVPR 2020; Chen et al., "Improved Baselines with
+Momentum Contrastive Learning", 2020) on the Genesis UNet3D encoder: the
+contrastive baseline of the sequential multi-task seed (methods.md).
+
+Per step, for two augmented views of one volume:
+
+1. the momentum (key) encoder follows the online one,
+   ``w_k = m * w_k + (1 - m) * w_q`` (m 0.999), *before* the keys are computed;
+2. query ``q = head(cnn(view1))``, key ``k = head_k(cnn_k(view2))`` (no gradient);
+3. InfoNCE with tau 0.2: the positive ``q . k`` against ``q . queue``
+   (16384 earlier keys, 128-d, L2-normalised);
+4. gradients update the query encoder and its head only;
+5. the keys of every replica are gathered and enqueued (FIFO).
+
+The head is MoCo v2's MLP (Dense-ReLU-Dense, hidden = the encoder width).
+Transfer: the UNet3D encoder (part ``unet``).
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from rr_tf.errors import ConfigError
+from rr_tf.methods.base import param
+from rr_tf.methods.contrastive import ContrastiveEncoderMethod
+from rr_tf.models.layers import NORMS
+from rr_tf.models.momentum import Queue
+
+
+@dataclasses.dataclass
+class Config:
+    """MoCo v2 hyper-parameters (defaults: methods.md and the MoCo v2 paper)."""
+
+    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
+    levels: int = param(4, "UNet3D encoder levels (bottleneck at stride 2**(levels-1)).", low=2)
+    norm: str = param("batch", "CNN normalisation.", choices=NORMS)
+    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
+    proj_hidden_dim: int = param(512, "Hidden width of the projection MLP (MoCo v2 / SimCLR: "
+                                 "the encoder width, 512 at base 32).", low=1)
+    proj_bn: bool = param(False, "BatchNorm in the projection MLP (MoCo v2: no; SimCLR: yes).")
+    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
+    temperature: float = param(0.2, "InfoNCE temperature.", low=1e-4)
+    momentum: float = param(0.999, "EMA momentum of the key encoder.", low=0.0, high=1.0)
+
+
+class MoCo(ContrastiveEncoderMethod):
+    """MoCo v2: query encoder + head, momentum key encoder + head, queue."""
+
+    Config = Config
+    contrastive_mode = "moco"
+
+    def __init__(self, config, seed=0, **kwargs):
+        super().__init__(config, seed=seed, name="moco", **kwargs)
+        self.queue = Queue(config.queue_size, config.proj_dim, seed=seed, name="queue")
+
+    @staticmethod
+    def check_config(config, run):
+        ContrastiveEncoderMethod.check_config(config, run)
+        if config.queue_size < run.batch_size:
+            raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
+
+    def build_for(self, batch):
+        """Online CNN + head, their momentum copies, and the queue."""
+        v = self.build_online(batch)
+        self.build_momentum_branch(self.cnn, self.config.momentum)
+        self.queue.build(None)
+        self.finish_build(v)
+
+    def train_step(self, batch):
+        v1, v2 = batch["view1"], batch["view2"]
+        self.momentum_update()  # the key encoder moves first, then makes the keys
+        with tf.GradientTape() as tape:
+            loss, logits, q, k = self.contrastive_terms(v1, v2, training=True)
+            scaled = self.replica_scaled(loss)
+        self.backprop(tape, scaled, self.trainable_variables)  # query encoder + head only
+        self.enqueue_keys(k)
+        return self.contrastive_report(loss, logits, q)
+

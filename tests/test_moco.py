@@ -1,0 +1,129 @@
+"""MoCo v2 mechanics: where gradients go, the key queue (FIFO) and the EMA."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rr_tf.errors import ConfigError
+from rr_tf.methods import get_method
+from rr_tf.methods.moco import Config, MoCo
+from rr_tf.training.optim import build_optimizer
+from rr_tf.training.pretrain import PretrainConfig
+
+TINY = Config(base_width=2, proj_dim=8, proj_hidden_dim=8, queue_size=6, momentum=0.5)
+SHAPE = (16, 16, 16)
+
+
+def _batch(b=2, seed=0):
+    g = tf.random.Generator.from_seed(seed)
+    return {"view1": g.uniform((b,) + SHAPE + (1,)), "view2": g.uniform((b,) + SHAPE + (1,))}
+
+
+def _method(config=TINY):
+    m = MoCo(config, seed=3)
+    m.compile(optimizer=build_optimizer("sgd", 0.1, 100), jit_compile=False)
+    m.build_for(_batch())
+    return m
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_registered_and_shaped():
+    assert get_method("moco") is MoCo
+    m = _method()
+    assert m.momentum_encoders() == [m.cnn_ema, m.proj_ema]
+    # trainable = the query encoder and its head, nothing else
+    online = {id(v) for v in m.cnn.trainable_variables + m.proj.trainable_variables}
+    assert {id(v) for v in m.trainable_variables} == online
+    assert m(_batch()["view1"]).shape == (2, 8)
+
+
+def test_gradients_reach_only_the_query_encoder_and_head():
+    m = _method()
+    b = _batch()
+    constants = m.cnn_ema.target.weights + m.proj_ema.target.weights + m.queue.weights
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([w.value for w in constants])
+        loss, logits, q, k = m.contrastive_terms(b["view1"], b["view2"], training=True)
+    assert logits.shape == (2, 1 + TINY.queue_size)
+    for w in constants:  # key encoder, key head, queue: constants of the loss
+        g = tape.gradient(loss, w.value)
+        assert g is None or float(tf.reduce_max(tf.abs(g))) == 0.0, w.path
+    grads = tape.gradient(loss, m.trainable_variables)
+    for v, g in zip(m.trainable_variables, grads):
+        assert g is not None and float(tf.reduce_max(tf.abs(g))) > 0, v.path
+    assert tape.gradient(loss, k) is None  # the keys are stop-gradient
+
+
+def test_train_step_enqueues_the_keys_fifo():
+    m = _method()
+    before = m.queue.values().numpy().copy()
+    b1, b2, b3 = _batch(seed=1), _batch(seed=2), _batch(seed=3)
+    # step 1: the EMA copy still equals the online nets, so the keys are the
+    # online embeddings of view 2 in inference mode
+    expected1 = _unit(m.proj(m.cnn.encode(b1["view2"])[-1]))
+    logs = m.train_step(b1)
+    assert np.isfinite(float(logs["loss"])) and 0.0 <= float(logs["contrast_acc"]) <= 1.0
+    q = m.queue.values().numpy()
+    np.testing.assert_allclose(q[:2], expected1, atol=1e-5)
+    np.testing.assert_array_equal(q[2:], before[2:])
+    assert int(m.queue.pointer.numpy()) == 2
+    # step 2: the keys of the key encoder *after* its EMA step go to rows 2-3
+    ema = m.cnn_ema.target.weights + m.proj_ema.target.weights
+    saved = [w.numpy().copy() for w in ema]
+    m.momentum_update()  # what train_step does first
+    expected2 = _unit(m.proj_ema(m.cnn_ema(b2["view2"])[-1]))
+    for w, value in zip(ema, saved):
+        w.assign(value)
+    m.train_step(b2)
+    q2 = m.queue.values().numpy()
+    np.testing.assert_allclose(q2[:2], expected1, atol=1e-5)
+    np.testing.assert_allclose(q2[2:4], expected2, atol=1e-4)
+    np.testing.assert_array_equal(q2[4:], before[4:])
+    # step 3 fills rows 4-5; step 4 wraps around and overwrites the oldest keys
+    m.train_step(b3)
+    assert int(m.queue.pointer.numpy()) == 0
+    m.train_step(b1)
+    q4 = m.queue.values().numpy()
+    assert not np.allclose(q4[:2], expected1, atol=1e-3)
+    np.testing.assert_array_equal(q4[2:4], q2[2:4])
+    np.testing.assert_allclose(np.linalg.norm(q4, axis=1), 1.0, rtol=1e-5)
+
+
+def test_ema_moves_by_one_minus_m_before_the_keys():
+    m = _method()
+    m.train_step(_batch(seed=1))  # online nets move away from the EMA copy
+    online = [w.numpy().copy() for w in m.cnn.weights + m.proj.weights]
+    target = [w.numpy().copy() for w in m.cnn_ema.target.weights + m.proj_ema.target.weights]
+    assert any(not np.allclose(o, t) for o, t in zip(online, target))
+    m.train_step(_batch(seed=2))
+    after = [w.numpy() for w in m.cnn_ema.target.weights + m.proj_ema.target.weights]
+    mom = TINY.momentum
+    for o, t, a, w in zip(online, target, after, m.cnn_ema.target.weights + m.proj_ema.target.weights):
+        # every weight, BatchNorm moving statistics included
+        np.testing.assert_allclose(a, mom * t + (1 - mom) * o, rtol=1e-5, atol=1e-6, err_msg=w.path)
+    assert any("moving_mean" in w.path for w in m.cnn_ema.target.weights)
+
+
+def test_config_checks():
+    run = PretrainConfig("moco", "d", "r", crop_size=(32, 32, 32), batch_size=8)
+    with pytest.raises(ConfigError, match="queue_size"):
+        MoCo.check_config(dataclasses.replace(TINY, queue_size=4), run)
+    with pytest.raises(ConfigError, match="crop_size"):
+        MoCo.check_config(TINY, dataclasses.replace(run, crop_size=(36, 32, 32)))
+    MoCo.check_config(dataclasses.replace(TINY, queue_size=8), run)
+
+
+def test_parts():
+    m = _method()
+    assert m.transfer_parts() == {"unet": m.cnn}
+    feats = m.export_parts()["cnn_encoder"](_batch()["view1"])
+    assert sorted(feats) == ["stride_1", "stride_2", "stride_4", "stride_8"]
+    assert feats["stride_8"].shape == (2, 2, 2, 2, 32)  # base 2: 2 * 2**4
+    imgs = m.summary_images(_batch())
+    assert imgs["view1"].shape == (2, 16, 16, 1) and imgs["similarity"].shape == (1, 2, 2, 1)
