@@ -36,11 +36,13 @@ from launch import flagutil  # noqa: E402
 flagutil.quiet_tensorflow()
 
 FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_enum("mode", None, ["data", "model", "e2e"], "What to measure.")
 flags.DEFINE_integer("repeats", 5, "Phantoms timed per size (median reported).", lower_bound=1)
 flags.DEFINE_integer("num_cases", 12, "NIfTI cases in the preprocessing throughput run.", lower_bound=2)
 flags.DEFINE_string("spacing", "3,3,3", "Target spacing of the throughput run (mm).")
-flags.DEFINE_enum("method", "reprec", ["reprec"], "Method for --mode=model.")
+flags.DEFINE_string("method", "reprec", "Method for --mode=model (a registered name), or 'all': "
+                    "every method at its demo model size, one comparison table.")
 flags.DEFINE_string("data_dir", "rr_tf_data/phantom_demo", "Shards for the end-to-end model "
                     "figures (made by launch/prepare_data.py --flagfile=configs/demo_data.flags).")
 flags.DEFINE_integer("steps", 5, "Timed train steps per model figure (after one warm-up step).",
@@ -257,6 +259,58 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
     queue.put((synth_rate, e2e_rate, flops, peak))
 
 
+def demo_overrides(name):
+    """The method-Config values set by ``configs/demo_<name>.flags`` (nested
+    flagfiles followed in order, later lines win) and its crop size."""
+    import dataclasses
+
+    from rr_tf.methods import get_method
+
+    fields = {f.name: f for f in dataclasses.fields(get_method(name).Config)}
+    values, crop = {}, None
+
+    def read(path):
+        nonlocal crop
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line.startswith("--") or "=" not in line:
+                    continue
+                key, value = line[2:].split("=", 1)
+                if key == "flagfile":
+                    read(os.path.join(ROOT, value))
+                elif key == "crop_size":
+                    crop = tuple(int(v) for v in value.split(","))
+                elif key in fields:
+                    default = get_method(name).Config().__dict__[key]
+                    if isinstance(default, bool):
+                        values[key] = value.lower() in ("true", "1")
+                    elif isinstance(default, tuple):
+                        values[key] = tuple(type(default[0])(v) for v in value.split(","))
+                    else:
+                        values[key] = type(default)(value)
+
+    demo = "demo.flags" if name == "reprec" else f"demo_{name}.flags"
+    read(os.path.join(ROOT, "configs", demo))
+    return values, crop
+
+
+def run_model_all():
+    """Every method at its demo model size and crop, batch 4: one table."""
+    from rr_tf.methods import method_names
+
+    lines = []
+    for name in method_names():
+        overrides, crop = demo_overrides(name)
+        synth, e2e, _, peak = _in_child(_model_child, name, crop, 4, overrides, FLAGS.steps,
+                                        FLAGS.data_dir)
+        e2e_text = f"{e2e * 4:.2f} samples/s" if e2e else "no shards"
+        lines.append(f"| {name}, demo model, crop {'x'.join(map(str, crop))}, batch 4 | "
+                     f"synthetic {synth * 4:.2f} samples/s; end to end {e2e_text}; "
+                     f"peak RSS {peak:.0f} MB | - |")
+    return lines
+
+
 def run_model():
     peak_gflops = matmul_peak_gflops()
     lines = [f"| float32 matmul peak (2048^2, TF) | {peak_gflops:.1f} GFLOP/s | - |"]
@@ -274,8 +328,9 @@ def run_model():
 
 
 def write_section(path, mode, lines):
-    header = [f"<!-- {mode}:begin -->", f"## `--mode={mode}`", "",
-              f"Command: `python launch/benchmark.py --mode={mode} "
+    title = "--mode=model --method=all" if mode == "model-all" else f"--mode={mode}"
+    header = [f"<!-- {mode}:begin -->", f"## `{title}`", "",
+              f"Command: `python launch/benchmark.py --mode={mode.split('-')[0]} "
               + (f"--repeats={FLAGS.repeats} --num_cases={FLAGS.num_cases} "
                  f"--spacing={FLAGS.spacing} --seconds={FLAGS.seconds:g}`  " if mode == "data" else
                  f"--method={FLAGS.method} --steps={FLAGS.steps} --data_dir={FLAGS.data_dir}`  "),
@@ -300,10 +355,19 @@ def main(argv):
     if FLAGS.mode == "e2e":
         flagutil.fail(__file__, "--mode=e2e is not available yet (it needs fine-tuning); "
                       "use --mode=data or --mode=model")
-    lines = run_data() if FLAGS.mode == "data" else run_model()
+    from rr_tf.methods import method_names
+
+    if FLAGS.mode == "model" and FLAGS.method not in method_names() + ("all",):
+        flagutil.fail(__file__, f"--method={FLAGS.method}: unknown; available: "
+                      f"{', '.join(method_names())}, all")
+    if FLAGS.mode == "data":
+        lines = run_data()
+    else:
+        lines = run_model_all() if FLAGS.method == "all" else run_model()
     print("\n".join(lines))
     if FLAGS.output:
-        write_section(FLAGS.output, FLAGS.mode, lines)
+        section = "model-all" if FLAGS.mode == "model" and FLAGS.method == "all" else FLAGS.mode
+        write_section(FLAGS.output, section, lines)
         print(f"written to {FLAGS.output}")
 
 

@@ -1,0 +1,258 @@
+"""Does pre-training help? Pre-train each method on phantom shards with one
+budget, fine-tune from it (and from scratch) with a few labelled cases over
+several seeds, segment held-out phantoms, score them, and write the table
+and a plot.
+
+  python launch/experiment.py --output_dir=runs/experiment
+  python launch/experiment.py --output_dir=runs/exp_gpu --methods=reprec,mae,moco,simclr,\\
+      genesis,pcrl,pcrlv2,pgl --num_labeled=1,2,4,8 --seeds=3 --pretrain_steps=20000 \\
+      --finetune_steps=5000 --crop_size=96,96,96 --width=32 --hw=configs/hw/gpu1.flags
+
+Every stage runs the project's own launchers as subprocesses (the commands
+are printed and logged in OUTPUT_DIR/commands.txt) and is skipped when its
+result exists, so re-running the same command continues an interrupted
+experiment. Results: OUTPUT_DIR/results.json, results.md, dice_vs_labels.png;
+with --write_docs also docs/results.md and docs/dice_vs_labels.png.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from launch import flagutil  # noqa: E402
+
+flagutil.quiet_tensorflow()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output_dir", None, "Where data, runs and results go (resumable).")
+flags.DEFINE_list("methods", ["reprec", "moco", "genesis"], "Pre-training methods compared "
+                  "(each with its configs/demo_<method>.flags model size); 'scratch' is always added.")
+flags.DEFINE_list("num_labeled", ["1", "2", "4"], "Labelled-case budgets of the fine-tunings.")
+flags.DEFINE_integer("seeds", 2, "Fine-tuning seeds per method and budget (labelled subset, "
+                     "initialisation, data order).", lower_bound=1)
+flags.DEFINE_integer("pretrain_cases", 16, "Phantom cases for pre-training and fine-tuning "
+                     "(the labelled budget is drawn from their training split).", lower_bound=4)
+flags.DEFINE_integer("test_cases", 4, "Held-out phantom cases (other seeds) scored.", lower_bound=1)
+flags.DEFINE_string("spacing", "3,3,3", "Spacing (mm) of the phantom shards.")
+flags.DEFINE_integer("pretrain_steps", 300, "Pre-training steps of every method.", lower_bound=1)
+flags.DEFINE_integer("finetune_steps", 150, "Fine-tuning steps of every run.", lower_bound=1)
+flags.DEFINE_string("crop_size", "48,48,32", "Pre-training crop and fine-tuning patch size.")
+flags.DEFINE_integer("pretrain_batch", 4, "Pre-training batch size.", lower_bound=1)
+flags.DEFINE_integer("finetune_batch", 2, "Fine-tuning batch size.", lower_bound=1)
+flags.DEFINE_float("finetune_lr", 1e-3, "Fine-tuning learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("width", 0, "Override the demo flagfiles' base width (0 = keep).", lower_bound=0)
+flags.DEFINE_string("hw", "configs/hw/cpu.flags", "Hardware flagfile for the launchers.")
+flags.DEFINE_boolean("write_docs", False, "Also write docs/results.md and docs/dice_vs_labels.png.")
+flags.DEFINE_integer("seed", 0, "Data seed.")
+flags.mark_flag_as_required("output_dir")
+flagutil.register_numbers_validator("spacing", 3, positive=True)
+flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
+
+
+def _log_command(cmd):
+    line = " ".join(cmd)
+    print(f"$ {line}", file=sys.stderr, flush=True)
+    with open(os.path.join(FLAGS.output_dir, "commands.txt"), "a") as f:
+        f.write(line + "\n")
+
+
+def run(cmd):
+    _log_command(cmd)
+    start = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if res.returncode != 0:
+        tail = "\n".join(res.stdout.strip().splitlines()[-15:])
+        raise RuntimeError(f"command failed ({res.returncode}):\n{tail}")
+    return time.time() - start
+
+
+def finished(run_dir):
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return bool(json.load(f).get("finished"))
+
+
+def prepare_data(out):
+    py = sys.executable
+    shards = os.path.join(out, "shards")
+    if not os.path.exists(os.path.join(shards, "manifest.json")):
+        run([py, "launch/prepare_data.py", "--source=phantom", f"--output_dir={shards}",
+             f"--num_cases={FLAGS.pretrain_cases}", f"--spacing={FLAGS.spacing}",
+             f"--seed={FLAGS.seed}", "--val_fraction=0.2"])
+    test = os.path.join(out, "test")
+    if not os.path.isdir(os.path.join(test, "labels")):
+        from rr_tf.data.phantom import PhantomConfig, generate_phantom, write_phantom_nifti
+
+        os.makedirs(test, exist_ok=True)
+        for i in range(FLAGS.test_cases):
+            seed = 10_000 + FLAGS.seed * 1000 + i  # never a seed of the shards
+            write_phantom_nifti(generate_phantom(seed, PhantomConfig()), test, f"test_{i:02d}")
+    return shards, test
+
+
+def pretrain(method, shards, out):
+    run_dir = os.path.join(out, "pretrain", method)
+    if finished(run_dir):
+        return run_dir, None
+    cmd = [sys.executable, "launch/pretrain.py", f"--flagfile=configs/demo_{method}.flags"
+           if method != "reprec" else "--flagfile=configs/demo.flags", f"--flagfile={FLAGS.hw}",
+           f"--data_dir={shards}", f"--run_dir={run_dir}", f"--train_steps={FLAGS.pretrain_steps}",
+           f"--batch_size={FLAGS.pretrain_batch}", f"--crop_size={FLAGS.crop_size}",
+           f"--checkpoint_every={max(FLAGS.pretrain_steps // 3, 1)}", "--warmup_steps=0",
+           "--verbose=none", "--prepare_phantom_if_missing=0"]
+    if FLAGS.width:
+        cmd.append(f"--base_width={FLAGS.width}")
+    return run_dir, run(cmd)
+
+
+def finetune(source, budget, seed, shards, out):
+    name = f"{source}_n{budget}_s{seed}"
+    run_dir = os.path.join(out, "finetune", name)
+    if not finished(run_dir):
+        cmd = [sys.executable, "launch/finetune.py", f"--flagfile={FLAGS.hw}", f"--data_dir={shards}",
+               f"--run_dir={run_dir}", f"--num_labeled={budget}", f"--seed={seed}",
+               f"--train_steps={FLAGS.finetune_steps}", f"--crop_size={FLAGS.crop_size}",
+               f"--batch_size={FLAGS.finetune_batch}", f"--learning_rate={FLAGS.finetune_lr}",
+               f"--val_every={max(FLAGS.finetune_steps // 3, 1)}",
+               f"--checkpoint_every={FLAGS.finetune_steps}", "--verbose=none"]
+        if source == "scratch":
+            width = FLAGS.width or _demo_width()
+            cmd += [f"--base_width={width}", "--levels=4"]
+        else:
+            cmd.append(f"--pretrained={os.path.join(out, 'pretrain', source)}")
+        run(cmd)
+    return run_dir
+
+
+def _demo_width():
+    """The CNN width the demo flagfiles pre-train with (scratch uses the same)."""
+    with open(os.path.join(ROOT, "configs", "demo.flags")) as f:
+        for line in f:
+            if line.startswith("--base_width="):
+                return int(line.split("=")[1])
+    return 4
+
+
+def score(run_dir, test):
+    pred = os.path.join(run_dir, "test_predictions")
+    metrics = os.path.join(run_dir, "test_metrics", "metrics.json")
+    if not os.path.exists(metrics):
+        run([sys.executable, "launch/infer.py", f"--model={run_dir}",
+             f"--input={os.path.join(test, 'images')}", f"--output={pred}"])
+        run([sys.executable, "launch/evaluate.py", f"--pred={pred}",
+             f"--ref={os.path.join(test, 'labels')}", f"--output={os.path.dirname(metrics)}",
+             "--label_names=phantom", f"--image={os.path.join(test, 'images')}"])
+    with open(metrics) as f:
+        return json.load(f)
+
+
+def summarise(results, budgets, sources):
+    table = {}
+    for src in sources:
+        for b in budgets:
+            vals = [r["dice"] for r in results if r["source"] == src and r["budget"] == b]
+            if vals:
+                table[(src, b)] = (float(sum(vals) / len(vals)),
+                                   float((sum((v - sum(vals) / len(vals)) ** 2 for v in vals)
+                                          / max(len(vals) - 1, 1)) ** 0.5), len(vals))
+    return table
+
+
+def write_report(out, results, budgets, sources, timings):
+    from rr_tf.utils.png import line_plot, encode_png
+
+    table = summarise(results, budgets, sources)
+    lines = ["| pre-training | " + " | ".join(f"{b} labelled" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for src in sources:
+        cells = []
+        for b in budgets:
+            if (src, b) in table:
+                m, s, n = table[(src, b)]
+                cells.append(f"{m:.3f} ± {s:.3f} (n={n})")
+            else:
+                cells.append("–")
+        lines.append(f"| {src} | " + " | ".join(cells) + " |")
+    series = {src: [table.get((src, b), (math.nan,))[0] for b in budgets] for src in sources}
+    img, colours = line_plot(series, budgets, y_range=(0.0, max(0.1, min(1.0, max(
+        (v for vs in series.values() for v in vs if not math.isnan(v)), default=1.0) * 1.2))))
+    png = encode_png(img)
+    legend = ", ".join(f"{name}: rgb{c}" for name, c in colours.items())
+    with open(os.path.join(out, "dice_vs_labels.png"), "wb") as f:
+        f.write(png)
+    report = {"table": "\n".join(lines), "legend": legend, "timings_s": timings,
+              "results": results,
+              "settings": {k: FLAGS[k].value for k in ("methods", "num_labeled", "seeds",
+                                                       "pretrain_cases", "test_cases", "spacing",
+                                                       "pretrain_steps", "finetune_steps",
+                                                       "crop_size", "pretrain_batch",
+                                                       "finetune_batch", "finetune_lr", "width",
+                                                       "hw", "seed")}}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    md = ["Mean foreground Dice (mean over the 10 organ labels, then over the "
+          f"{FLAGS.test_cases} held-out phantoms; mean ± std over seeds):", "",
+          *lines, "", f"Plot colours: {legend}."]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return "\n".join(md), png
+
+
+def main(argv):
+    if len(argv) > 1:
+        flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
+    from rr_tf.methods import method_names
+
+    unknown = [m for m in FLAGS.methods if m not in method_names()]
+    if unknown:
+        flagutil.fail(__file__, f"--methods: unknown {unknown}; available: {', '.join(method_names())}")
+    try:
+        budgets = [int(b) for b in FLAGS.num_labeled]
+    except ValueError:
+        flagutil.fail(__file__, f"--num_labeled: need integers, got {FLAGS.num_labeled}")
+    out = os.path.abspath(FLAGS.output_dir)
+    os.makedirs(out, exist_ok=True)
+    sources = ["scratch"] + list(FLAGS.methods)
+    timings = {}
+    try:
+        shards, test = prepare_data(out)
+        for method in FLAGS.methods:
+            _, seconds = pretrain(method, shards, out)
+            if seconds:
+                timings[f"pretrain/{method}"] = round(seconds)
+        results = []
+        for src in sources:
+            for b in budgets:
+                for seed in range(FLAGS.seeds):
+                    start = time.time()
+                    run_dir = finetune(src, b, seed, shards, out)
+                    metrics = score(run_dir, test)
+                    timings[f"finetune/{src}_n{b}_s{seed}"] = round(time.time() - start)
+                    results.append({"source": src, "budget": b, "seed": seed,
+                                    "dice": metrics["summary"]["overall"]["dice_class_mean"]
+                                    if "summary" in metrics else metrics["overall"]["dice_class_mean"],
+                                    "run_dir": run_dir})
+                    print(f"{src} n={b} seed={seed}: Dice {results[-1]['dice']:.3f}", file=sys.stderr)
+    except RuntimeError as err:
+        flagutil.fail(__file__, str(err), code=1)
+    md, png = write_report(out, results, budgets, sources, timings)
+    print(md)
+    if FLAGS.write_docs:
+        with open(os.path.join(ROOT, "docs", "dice_vs_labels.png"), "wb") as f:
+            f.write(png)
+        with open(os.path.join(ROOT, "docs", "results.md"), "a") as f:
+            f.write("\n" + md + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
