@@ -260,39 +260,11 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
 
 
 def demo_overrides(name):
-    """The method-Config values set by ``configs/demo_<name>.flags`` (nested
-    flagfiles followed in order, later lines win) and its crop size."""
-    import dataclasses
-
+    """The method-Config values and crop size of the method's demo flagfile."""
     from rr_tf.methods import get_method
 
-    fields = {f.name: f for f in dataclasses.fields(get_method(name).Config)}
-    values, crop = {}, None
-
-    def read(path):
-        nonlocal crop
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line.startswith("--") or "=" not in line:
-                    continue
-                key, value = line[2:].split("=", 1)
-                if key == "flagfile":
-                    read(os.path.join(ROOT, value))
-                elif key == "crop_size":
-                    crop = tuple(int(v) for v in value.split(","))
-                elif key in fields:
-                    default = get_method(name).Config().__dict__[key]
-                    if isinstance(default, bool):
-                        values[key] = value.lower() in ("true", "1")
-                    elif isinstance(default, tuple):
-                        values[key] = tuple(type(default[0])(v) for v in value.split(","))
-                    else:
-                        values[key] = type(default)(value)
-
     demo = "demo.flags" if name == "reprec" else f"demo_{name}.flags"
-    read(os.path.join(ROOT, "configs", demo))
-    return values, crop
+    return flagutil.flagfile_config(os.path.join(ROOT, "configs", demo), get_method(name).Config)
 
 
 def run_model_all():

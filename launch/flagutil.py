@@ -120,3 +120,38 @@ def _show(value):
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
     return str(value)
+
+
+def flagfile_config(path, config_cls):
+    """(values, crop_size) that a flagfile (nested flagfiles followed in
+    order, later lines win; paths relative to the repository root) sets
+    for the fields of ``config_cls``; crop_size is None when not set."""
+    import dataclasses
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(config_cls)}
+    values, crop = {}, [None]
+
+    def read(p):
+        with open(p) as f:
+            for line in f:
+                line = line.strip()
+                if not line.startswith("--") or "=" not in line:
+                    continue
+                key, value = line[2:].split("=", 1)
+                if key == "flagfile":
+                    read(value if os.path.isabs(value) else os.path.join(root, value))
+                elif key == "crop_size":
+                    crop[0] = tuple(int(v) for v in value.split(","))
+                elif key in defaults:
+                    default = defaults[key]
+                    if isinstance(default, bool):
+                        values[key] = value.lower() in ("true", "1")
+                    elif isinstance(default, tuple):
+                        values[key] = tuple(type(default[0])(v) for v in value.split(","))
+                    else:
+                        values[key] = type(default)(value)
+
+    read(path)
+    return values, crop[0]
