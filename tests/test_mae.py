@@ -80,7 +80,8 @@ def test_loss_ignores_visible_patches():
     assert np.all(grad[visible] == 0.0) and np.all(np.abs(grad[~visible]).sum(-1) > 0)
     # a different prediction at the visible patches leaves the loss unchanged
     changed = tf.where(token_mask[:, :, None] > 0, pred, pred + 100.0)
-    np.testing.assert_allclose(float(m.forward_loss(v, changed, token_mask)), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(float(m.forward_loss(v, changed, token_mask)), float(loss),
+                               rtol=1e-6)
     # hand check: mean over masked patches of the per-patch mean squared error
     err = ((pred.numpy() - m.targets(v).numpy()) ** 2).mean(-1)
     np.testing.assert_allclose(float(loss), err[~visible].mean(), rtol=1e-5)
@@ -157,7 +158,8 @@ from rr_tf.methods.masking import global_random_masking
 batch = tf.reshape(tf.range(4 * 3, dtype=tf.float32), (4, 3))
 one = global_random_masking(batch, 20, 0.75, seed=7, step=3)[0].numpy().tolist()
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).unbatch().batch(4))
+ds = tf.data.Dataset.from_tensors(batch).unbatch().batch(4)
+dist = strategy.experimental_distribute_dataset(ds)
 out = strategy.run(tf.function(lambda b: global_random_masking(b, 20, 0.75, seed=7, step=3)[0]),
                    (next(iter(dist)),))
 two = tf.concat(strategy.experimental_local_results(out), 0).numpy().tolist()

@@ -60,13 +60,23 @@ def test_gradients_reach_only_the_query_encoder_and_head():
     assert tape.gradient(loss, k) is None  # the keys are stop-gradient
 
 
+def _group_keys(m, x):
+    """Keys with shuffling BN in groups of one sample (batch 2, 2 groups):
+    each key normalised by its own statistics, whatever the shuffle."""
+    return _unit(np.concatenate([m.key_encoder(x[i:i + 1], batch_stats=True)
+                                 for i in range(x.shape[0])]))
+
+
 def test_train_step_enqueues_the_keys_fifo():
     m = _method()
     before = m.queue.values().numpy().copy()
     b1, b2, b3 = _batch(seed=1), _batch(seed=2), _batch(seed=3)
     # step 1: the EMA copy still equals the online nets, so the keys are the
-    # online embeddings of view 2 in inference mode
-    expected1 = _unit(m.proj(m.cnn.encode(b1["view2"])[-1]))
+    # online embeddings of view 2, each normalised by its own statistics
+    per_sample = [m.proj(m.cnn.encode(b1["view2"][i:i + 1], training=True)[-1], training=True)
+                  for i in range(2)]
+    expected1 = _unit(np.concatenate(per_sample))
+    np.testing.assert_allclose(_group_keys(m, b1["view2"]), expected1, atol=1e-5)
     logs = m.train_step(b1)
     assert np.isfinite(float(logs["loss"])) and 0.0 <= float(logs["contrast_acc"]) <= 1.0
     q = m.queue.values().numpy()
@@ -77,7 +87,7 @@ def test_train_step_enqueues_the_keys_fifo():
     ema = m.cnn_ema.target.weights + m.proj_ema.target.weights
     saved = [w.numpy().copy() for w in ema]
     m.momentum_update()  # what train_step does first
-    expected2 = _unit(m.proj_ema(m.cnn_ema(b2["view2"])[-1]))
+    expected2 = _group_keys(m, b2["view2"])
     for w, value in zip(ema, saved):
         w.assign(value)
     m.train_step(b2)
@@ -95,6 +105,15 @@ def test_train_step_enqueues_the_keys_fifo():
     np.testing.assert_allclose(np.linalg.norm(q4, axis=1), 1.0, rtol=1e-5)
 
 
+def test_keys_from_moving_statistics_when_key_bn_groups_is_0():
+    m = _method(dataclasses.replace(TINY, key_bn_groups=0))
+    b = _batch(seed=1)
+    # the EMA copy equals the online nets: keys = online embeddings in inference mode
+    expected = _unit(m.proj(m.cnn.encode(b["view2"])[-1]))
+    m.train_step(b)
+    np.testing.assert_allclose(m.queue.values().numpy()[:2], expected, atol=1e-5)
+
+
 def test_ema_moves_by_one_minus_m_before_the_keys():
     m = _method()
     m.train_step(_batch(seed=1))  # online nets move away from the EMA copy
@@ -104,7 +123,8 @@ def test_ema_moves_by_one_minus_m_before_the_keys():
     m.train_step(_batch(seed=2))
     after = [w.numpy() for w in m.cnn_ema.target.weights + m.proj_ema.target.weights]
     mom = TINY.momentum
-    for o, t, a, w in zip(online, target, after, m.cnn_ema.target.weights + m.proj_ema.target.weights):
+    ema = m.cnn_ema.target.weights + m.proj_ema.target.weights
+    for o, t, a, w in zip(online, target, after, ema):
         # every weight, BatchNorm moving statistics included
         np.testing.assert_allclose(a, mom * t + (1 - mom) * o, rtol=1e-5, atol=1e-6, err_msg=w.path)
     assert any("moving_mean" in w.path for w in m.cnn_ema.target.weights)
@@ -116,6 +136,10 @@ def test_config_checks():
         MoCo.check_config(dataclasses.replace(TINY, queue_size=4), run)
     with pytest.raises(ConfigError, match="crop_size"):
         MoCo.check_config(TINY, dataclasses.replace(run, crop_size=(36, 32, 32)))
+    with pytest.raises(ConfigError, match="key_bn_groups"):
+        MoCo.check_config(dataclasses.replace(TINY, queue_size=8, key_bn_groups=3), run)
+    with pytest.raises(ConfigError, match="groups of 2"):
+        MoCo.check_config(dataclasses.replace(TINY, queue_size=8, key_bn_groups=8), run)
     MoCo.check_config(dataclasses.replace(TINY, queue_size=8), run)
 
 

@@ -279,6 +279,54 @@ def test_queue_config_roundtrip():
     assert isinstance(restored, M.Queue) and restored.name == "negatives"
 
 
+def test_batch_statistics_frozen_bn_normalises_by_the_batch_and_keeps_moving_stats():
+    online = _net()
+    online(np.zeros((1, 3), "f"))
+    _perturb(online, 1)
+    online.layers[1].moving_variance.assign(np.abs(online.layers[1].moving_variance.numpy()))
+    enc = M.MomentumEncoder(online, momentum=0.9)
+    bn = enc.target.layers[1]
+    moving = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    x = np.random.default_rng(2).normal(size=(6, 3)).astype("f")
+    d1, d2 = enc.target.layers[0], enc.target.layers[2]
+    h = x @ d1.kernel.numpy() + d1.bias.numpy()
+    mu, var = h.mean(0), h.var(0)  # biased batch variance, as BatchNorm
+    ref = ((h - mu) / np.sqrt(var + bn.epsilon) * bn.gamma.numpy() + bn.beta.numpy())
+    ref = ref @ d2.kernel.numpy() + d2.bias.numpy()
+    np.testing.assert_allclose(enc(x, batch_stats=True).numpy(), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tf.function(lambda v: enc(v, batch_stats=True))(x).numpy(), ref,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), moving[0])
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), moving[1])
+    # the switch is closed again: frozen, inference-mode by default and with training=True
+    assert not bn.trainable and bn.momentum == 0.99 and enc.trainable_weights == []
+    inference = ((h - moving[0]) / np.sqrt(moving[1] + bn.epsilon) * bn.gamma.numpy()
+                 + bn.beta.numpy()) @ d2.kernel.numpy() + d2.bias.numpy()
+    np.testing.assert_allclose(enc(x, training=True).numpy(), inference, rtol=1e-4, atol=1e-5)
+
+
+def _centre(g):
+    return g - tf.reduce_mean(g, axis=0, keepdims=True)
+
+
+def test_shuffled_group_apply_partitions_the_batch_at_random():
+    x = tf.constant(np.random.default_rng(0).normal(size=(8, 1)).astype("f"))
+    out = M.shuffled_group_apply(_centre, x, 2, tf.constant([1, 2])).numpy()
+    # out_i = x_i - mean(group of i): recover the groups from the means
+    means = np.round(x.numpy()[:, 0] - out[:, 0], 5)
+    groups = [np.flatnonzero(means == v) for v in np.unique(means)]
+    assert sorted(len(g) for g in groups) == [4, 4]
+    for g in groups:
+        np.testing.assert_allclose(x.numpy()[g].mean(), means[g[0]], atol=1e-5)
+    again = M.shuffled_group_apply(_centre, x, 2, tf.constant([1, 2])).numpy()
+    np.testing.assert_array_equal(out, again)  # a function of the seed
+    others = {tuple(np.round(x.numpy()[:, 0] - M.shuffled_group_apply(
+        _centre, x, 2, tf.constant([s, 2])).numpy()[:, 0], 4)) for s in range(6)}
+    assert len(others) > 1  # other seeds, other groups
+    with pytest.raises(ValueError, match="groups"):
+        M.shuffled_group_apply(_centre, x, 3, tf.constant([1, 2]))
+
+
 def test_helpers_without_strategy_are_identity():
     x = tf.ones((3, 2))
     assert M.gather_from_replicas(x) is x
@@ -412,6 +460,18 @@ _TWO_REPLICAS = textwrap.dedent(
     np.testing.assert_allclose(g, ref_grad, rtol=1e-4, atol=1e-5)
     assert [int(x) for x in strategy.experimental_local_results(offs)] == [0, 2]
     print("NTXENT_OK")
+
+    # --- shuffled groups: 2 replicas x 1 group == 1 device x 2 groups ------
+    xs = rng.normal(size=(8, 3)).astype("f")
+    seed = tf.constant([5, 9])
+    centre = lambda g: g - tf.reduce_mean(g, axis=0, keepdims=True)
+    ref = M.shuffled_group_apply(centre, tf.constant(xs), 2, seed).numpy()
+    out = tf.function(lambda d: strategy.run(
+        lambda v: M.shuffled_group_apply(centre, v, 2, seed), args=(d,)))(
+        per_replica(lambda r: tf.constant(xs)[4 * r:4 * r + 4]))
+    got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    print("SHUFFLE_OK")
     """
 )
 
@@ -425,5 +485,5 @@ def test_two_replica_mirrored_strategy():
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for tag in ("QUEUE_OK", "EMA_OK", "NTXENT_OK"):
+    for tag in ("QUEUE_OK", "EMA_OK", "NTXENT_OK", "SHUFFLE_OK"):
         assert tag in proc.stdout, out[-4000:]

@@ -12,7 +12,8 @@ from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 TINY = Config(base_width=2, queue_size=8, proj_dim=8, transformer_dim=16, transformer_depth=1,
-              transformer_heads=2, decoder_dim=8, decoder_depth=1, mask_ratio=0.5)
+              transformer_heads=2, decoder_dim=8, decoder_depth=1, mask_ratio=0.5,
+              key_bn_groups=1)  # batch 2: one group (the head's BatchNorm needs 2+)
 
 
 def _batch(b=2, shape=(32, 32, 32), seed=0):

@@ -92,7 +92,8 @@ def run(strategy, cfg):
     hist = m.fit(ds, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)
     # the logits each replica scores: its 2 x 2 anchors against all 2 x 4 views
     dist = strategy.experimental_distribute_dataset(ds)
-    logits = tf.function(lambda b: strategy.run(lambda x: m.contrastive_terms(x["view1"], x["view2"])[1], (b,)))
+    terms = lambda x: m.contrastive_terms(x["view1"], x["view2"])[1]
+    logits = tf.function(lambda b: strategy.run(terms, (b,)))
     out = logits(next(iter(dist)))
     cols = [int(t.shape[1]) for t in strategy.experimental_local_results(out)]
     moved = max(float(np.max(np.abs(w.numpy() - init[w.path]))) for w in m.trainable_weights)

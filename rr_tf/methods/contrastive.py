@@ -25,10 +25,20 @@ encoder ``cnn_ema`` + ``projection_ema``; RepRec also uses ``cnn_ema`` for its
 recovery targets). :class:`ContrastiveEncoderMethod` is the common body of
 the MoCo and SimCLR methods (UNet3D encoder + head on a contrastive pair).
 
-Key-encoder note: the EMA copy runs in inference mode (its BatchNorm uses the
-EMA of the online moving statistics), so no batch statistics are shared
-between the samples of a key batch; MoCo's "shuffling BN" solves the same
-leak for a key encoder run in training mode.
+Key-encoder BatchNorm (``key_bn_groups``): the EMA copy is frozen, and
+Keras runs a frozen BatchNorm in inference mode, i.e. with the EMA of the
+online moving statistics. Those lag the online network by about
+``1 / (1 - momentum)`` steps (the BN momentum compounds with the EMA), so
+early in training the keys are normalised by statistics that no longer fit
+and carry little per-sample information: on toy volumes MoCo with such keys
+stayed at the chance loss ln(K + 1) where keys normalised by batch
+statistics learned within 100 steps. MoCo runs its key encoder in training
+mode (batch statistics) and shuffles the key batch across GPUs so that a
+key's statistics never come from the same samples as its query's ("shuffling
+BN"). ``key_bn_groups = G`` does that for any replica count: the global key
+batch is shuffled and normalised in G groups
+(:func:`rr_tf.models.momentum.shuffled_group_apply`); ``0`` keeps the moving
+statistics.
 """
 
 import tensorflow as tf
@@ -38,8 +48,10 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod
+from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.momentum import MomentumEncoder, gather_from_replicas, replica_row_offset
+from rr_tf.models.momentum import (MomentumEncoder, gather_from_replicas, replica_row_offset,
+                                   shuffled_group_apply)
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
 
@@ -55,6 +67,21 @@ def simclr_global_loss(z1, z2, temperature=SIMCLR_TEMPERATURE):
     Returns ``(loss, logits)`` (positive in column 0)."""
     return losses.nt_xent_global(z1, z2, gather_from_replicas(z1), gather_from_replicas(z2),
                                  replica_row_offset(z1), temperature=temperature)
+
+
+KEY_BN_HELP = ("Key encoder BatchNorm: statistics over this many random groups of the "
+               "global batch (MoCo's shuffling BN; a multiple of the replica count that "
+               "divides the batch); 0 = its EMA moving statistics.")
+
+
+def check_key_bn_groups(config, run):
+    """``key_bn_groups`` cuts the global batch into groups of at least 2
+    (the replica count is checked when the step is traced)."""
+    groups = config.key_bn_groups
+    if groups and (run.batch_size % groups or run.batch_size // groups < 2):
+        raise ConfigError("key_bn_groups", f"{groups} must divide the batch size "
+                          f"({run.batch_size}) into groups of 2 or more (BatchNorm over one "
+                          "sample zeroes the head's output)")
 
 
 class ContrastiveBranch:
@@ -81,9 +108,25 @@ class ContrastiveBranch:
         if head:
             self.proj_ema.update()
 
+    @property
+    def key_bn_groups(self):
+        return self.config.key_bn_groups
+
+    def key_encoder(self, x, batch_stats=False):
+        """Momentum CNN + head (BatchNorm by the statistics of ``x`` or by
+        the moving statistics)."""
+        return self.proj_ema(self.cnn_ema(x, batch_stats=batch_stats)[-1], batch_stats=batch_stats)
+
     def keys(self, v2):
-        """MoCo keys of view 2: momentum CNN + head, no gradient."""
-        return ops.stop_gradient(self.proj_ema(self.cnn_ema(v2)[-1]))
+        """MoCo keys of view 2: momentum CNN + head, no gradient. With
+        ``key_bn_groups = G > 0`` (shuffling BN) the key encoder's BatchNorm
+        uses the statistics of G random groups of the global batch, drawn
+        from (seed, step); with 0, its moving statistics."""
+        if not self.key_bn_groups:
+            return ops.stop_gradient(self.key_encoder(v2))
+        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
+        return shuffled_group_apply(lambda x: self.key_encoder(x, batch_stats=True), v2,
+                                    self.key_bn_groups, seed)
 
     def simclr_projections(self, v1, v2, training=False):
         """SimCLR: both views through the online CNN + head as *one* batch of

@@ -69,8 +69,8 @@ class Config:
 
 def masked_crop(crop_size, foreground_p=0.5, flip_p=0.5):
     """The MAE-3D recipe: one (foreground-biased) random crop per call,
-    each axis flipped with probability ``flip_p``; ``{"image": int16 HU crop, "box": its box}`` (the stream
-    scales the batch to network units)."""
+    each axis flipped with probability ``flip_p``; ``{"image": int16 HU
+    crop, "box": its box}`` (the stream scales the batch to network units)."""
     crop = recipes.random_crop(crop_size, foreground_p=foreground_p)
 
     def fn(image, seed, to_unit):

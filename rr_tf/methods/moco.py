@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import param
-from rr_tf.methods.contrastive import ContrastiveEncoderMethod
+from rr_tf.methods.contrastive import (KEY_BN_HELP, ContrastiveEncoderMethod,
+                                       check_key_bn_groups)
 from rr_tf.models.layers import NORMS
 from rr_tf.models.momentum import Queue
 
@@ -41,6 +42,7 @@ class Config:
     queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
     temperature: float = param(0.2, "InfoNCE temperature.", low=1e-4)
     momentum: float = param(0.999, "EMA momentum of the key encoder.", low=0.0, high=1.0)
+    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
 
 
 class MoCo(ContrastiveEncoderMethod):
@@ -56,6 +58,7 @@ class MoCo(ContrastiveEncoderMethod):
     @staticmethod
     def check_config(config, run):
         ContrastiveEncoderMethod.check_config(config, run)
+        check_key_bn_groups(config, run)
         if config.queue_size < run.batch_size:
             raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
 

@@ -31,7 +31,8 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.contrastive import SIMCLR_TEMPERATURE, ContrastiveBranch
+from rr_tf.methods.contrastive import (KEY_BN_HELP, SIMCLR_TEMPERATURE, ContrastiveBranch,
+                                       check_key_bn_groups)
 from rr_tf.methods.masking import global_random_masking, optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
@@ -52,6 +53,8 @@ class Config:
     queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
     temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
     momentum: float = param(0.999, "EMA momentum of the key / target encoder.", low=0.0, high=1.0)
+    key_bn_groups: int = param(2, KEY_BN_HELP + " The recovery targets then use the statistics "
+                               "of the whole batch.", low=0)
     contrastive: str = param("moco", "Negatives from the queue (moco) or the global batch "
                              "(simclr, tau 0.1).", choices=("moco", "simclr"))
     mask_ratio: float = param(0.6, "Fraction of tokens (16^3 cells) masked.", low=0.0, high=0.95)
@@ -130,6 +133,7 @@ class RepRec(ContrastiveBranch, PretrainMethod):
             raise ConfigError("stage1_steps", "two_stage needs 0 < stage1_steps < train_steps")
         if config.transformer_dim % config.transformer_heads:
             raise ConfigError("transformer_heads", "must divide transformer_dim")
+        check_key_bn_groups(config, run)
         if config.contrastive == "moco" and config.queue_size < run.batch_size:
             raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
         if not 0.0 < config.mask_ratio < 1.0:
@@ -195,8 +199,8 @@ class RepRec(ContrastiveBranch, PretrainMethod):
         tokens, grid = self.encoder.tokens(fmap)
         latent = self.encoder.encode_tokens(tokens, ids_keep, training=training)
         pred = self.encoder.decode_tokens(latent, ids_restore, grid, training=training)
-        target = losses.per_token_layernorm(
-            ops.stop_gradient(map_to_tokens(self.cnn_ema(v1)[-1])))
+        features = self.cnn_ema(v1, batch_stats=self.key_bn_groups > 0)[-1]
+        target = losses.per_token_layernorm(ops.stop_gradient(map_to_tokens(features)))
         loss = losses.masked_mse(pred, target, token_mask)
         return loss, pred, target, token_mask, masked
 

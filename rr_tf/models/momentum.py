@@ -31,6 +31,8 @@ under ``strategy.scope()``), the values are computed once and broadcast to
 every device by ``variable.assign``.
 """
 
+import contextlib
+
 import numpy as np
 
 import keras
@@ -48,6 +50,8 @@ __all__ = [
     "paired_weights",
     "ema_update",
     "copy_weights",
+    "batch_statistics",
+    "shuffled_group_apply",
     "MomentumEncoder",
     "Queue",
 ]
@@ -232,6 +236,92 @@ def copy_weights(target, online):
 
 
 # ---------------------------------------------------------------------------
+# Key-encoder BatchNorm (MoCo's "shuffling BN")
+
+
+@contextlib.contextmanager
+def batch_statistics(layer):
+    """While open, the BatchNorm layers inside ``layer`` normalise a call made
+    with ``training=True`` by the statistics of the batch they see, even
+    when frozen, and leave their moving statistics unchanged.
+
+    Keras runs a frozen BatchNorm in inference mode whatever ``training``
+    says (moving statistics); MoCo's key encoder instead normalises each key
+    batch by its own statistics. The switch acts when ``layer`` is called
+    (traced); the layers' variables keep ``trainable=False`` so no gradient
+    tape watches them. The moving statistics are rewritten with themselves
+    (momentum 1: ``m * 1 + batch * 0``) and so stay exactly as they were.
+    Synchronised BatchNorm layers use the statistics of the local batch
+    only: the caller chooses the groups (:func:`shuffled_group_apply`).
+    """
+    norms = [l for l in layer._flatten_layers(include_self=True, recursive=True)
+             if isinstance(l, keras.layers.BatchNormalization)]
+    saved = [(l._trainable, l.momentum, l.synchronized) for l in norms]
+    try:
+        for l in norms:
+            l._trainable = True
+            l.momentum = 1.0
+            l.synchronized = False
+        yield
+    finally:
+        for l, (trainable, momentum, synchronized) in zip(norms, saved):
+            l._trainable = trainable
+            l.momentum = momentum
+            l.synchronized = synchronized
+
+
+def shuffled_group_apply(fn, x, groups, seed):
+    """``fn`` applied to ``groups`` random groups of the *global* batch.
+
+    MoCo's shuffling BN: the key batch is shuffled across GPUs so that the
+    BatchNorm statistics of a key never come from the same set of samples as
+    those of its query (otherwise the model can find its positive through the
+    batch statistics instead of the content). Here the global batch (all
+    replicas, gathered) is permuted by ``argsort`` of
+    ``stateless_uniform(seed)``, cut into ``groups`` equal groups, replica
+    ``r`` runs ``fn`` on groups ``r * G / R ... (r + 1) * G / R - 1`` one
+    group per call (so BatchNorm sees one group), the outputs are gathered,
+    put back in the original order, and this replica's rows are returned.
+    One replica with ``groups = 2`` and two replicas with ``groups = 2`` give
+    the same keys. ``groups`` must divide the global batch and be a multiple
+    of the replica count; the local batches must be equal. No gradient flows
+    through the result.
+
+    Args:
+      fn: maps a ``[n, ...]`` tensor to ``[n, ...]`` (e.g. the key encoder
+        under :func:`batch_statistics`).
+      x: this replica's batch.
+      groups: number of BatchNorm groups over the global batch.
+      seed: int32 ``[2]`` stateless seed, the same on every replica.
+    """
+    replicas = num_replicas()
+    if groups < 1 or groups % replicas:
+        raise ValueError(f"key BatchNorm groups ({groups}) must be a multiple of the replica "
+                         f"count ({replicas}).")
+    everything = gather_from_replicas(ops.stop_gradient(x))
+    total = tf.shape(everything)[0]
+    if isinstance(x.shape[0], int):  # static: check now, with a readable message
+        if (x.shape[0] * replicas) % groups:
+            raise ValueError(f"key BatchNorm groups ({groups}) must divide the global batch "
+                             f"({x.shape[0] * replicas}).")
+    else:
+        tf.debugging.assert_equal(total % groups, 0, message="key BatchNorm groups must "
+                                  "divide the global batch")
+    perm = tf.argsort(tf.random.stateless_uniform([total], seed), stable=True)
+    inverse = tf.argsort(perm, stable=True)
+    share = total // replicas
+    ctx = _replica_context()
+    rid = 0 if ctx is None else ctx.replica_id_in_sync_group
+    mine = tf.gather(everything, perm[rid * share:(rid + 1) * share])
+    size = total // groups
+    out = ops.concatenate([fn(mine[i * size:(i + 1) * size])
+                           for i in range(groups // replicas)], axis=0)
+    out = tf.gather(gather_from_replicas(out), inverse)
+    start = replica_row_offset(x)
+    return ops.stop_gradient(out[start:start + tf.shape(x)[0]])
+
+
+# ---------------------------------------------------------------------------
 # Momentum encoder
 
 
@@ -277,7 +367,9 @@ class MomentumEncoder(keras.layers.Layer):
 
     ``update(momentum=None)`` applies :func:`ema_update` (MoCo calls it once
     per step, before computing the keys). ``call(x, training=False)`` runs
-    the target. The online network is referenced, not tracked (it belongs to
+    the target; ``call(x, batch_stats=True)`` runs it with its BatchNorm
+    layers normalising by the statistics of ``x`` (see
+    :func:`batch_statistics`; the moving statistics stay as they are). The online network is referenced, not tracked (it belongs to
     the caller); after deserialisation ``attach(online)`` reconnects it.
     """
 
@@ -325,8 +417,11 @@ class MomentumEncoder(keras.layers.Layer):
         m = self.momentum if momentum is None else momentum
         ema_update(self.target, self.online, m, sync=self.sync)
 
-    def call(self, inputs, training=False):
-        return self.target(inputs, training=training)
+    def call(self, inputs, training=False, batch_stats=False):
+        if not batch_stats:
+            return self.target(inputs, training=training)
+        with batch_statistics(self.target):
+            return self.target(inputs, training=True)
 
     def get_config(self):
         config = super().get_config()

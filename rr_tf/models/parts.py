@@ -83,7 +83,8 @@ class ViTFeatures(keras.Model):
     def __init__(self, vit, taps=None, **kwargs):
         kwargs.setdefault("name", "vit_features")
         super().__init__(**kwargs)
-        self.vit = vit if isinstance(vit, keras.Layer) else keras.saving.deserialize_keras_object(vit)
+        self.vit = (vit if isinstance(vit, keras.Layer)
+                    else keras.saving.deserialize_keras_object(vit))
         self.taps = tuple(int(t) for t in (taps or vit_taps(self.vit.depth)))
         if not all(1 <= t <= self.vit.depth for t in self.taps):
             raise ValueError(f"taps {self.taps} must lie in 1..{self.vit.depth}")
