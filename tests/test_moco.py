@@ -12,7 +12,8 @@ from rr_tf.methods.moco import Config, MoCo
 from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
-TINY = Config(base_width=2, proj_dim=8, proj_hidden_dim=8, queue_size=6, momentum=0.5)
+TINY = Config(base_width=2, proj_dim=8, proj_hidden_dim=8, proj_bn=False, queue_size=6,
+              momentum=0.5)  # no head BN: keys of 1-sample groups (batch 2) stay defined
 SHAPE = (16, 16, 16)
 
 

@@ -14,7 +14,8 @@ from rr_tf.methods.multitask import Config, SequentialMultiTask, global_average
 from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
-TINY = Config(base_width=2, levels=3, queue_size=8, proj_dim=8, momentum=0.5)
+TINY = Config(base_width=2, levels=3, queue_size=8, proj_dim=8, momentum=0.5,
+              key_bn_groups=1)  # small batches: one BatchNorm group of keys
 CROP = (16, 16, 3)
 
 
@@ -177,6 +178,11 @@ def test_train_step_updates_queue_fifo_with_ema_keys_and_moves_ema():
     queue_before = m.queue.values().numpy().copy()
     ema_before = [w.numpy().copy() for w in m.unet_ema.target.weights]
     b = _batch()
+    # the EMA is still a copy of the online net: the keys are the online
+    # embeddings of slab 2 in training mode (batch statistics, one group)
+    online = m.proj(global_average(m.unet.encode(b["slab2"], training=True)[-1])).numpy()
+    keys = m.keys(b["slab2"]).numpy()
+    np.testing.assert_allclose(keys, online, rtol=1e-4, atol=1e-5)
     logs = m.train_step(b)
     assert set(logs) == set(SequentialMultiTask.metric_names)
     assert all(np.isfinite(float(v)) for v in logs.values())
@@ -184,7 +190,6 @@ def test_train_step_updates_queue_fifo_with_ema_keys_and_moves_ema():
     assert int(m.queue.pointer.numpy()) == 2
     np.testing.assert_allclose(q[2:], queue_before[2:])
     # the enqueued rows are the momentum branch's normalised keys of slab 2
-    keys = m.proj_ema(global_average(m.unet_ema.target.encode(b["slab2"])[-1])).numpy()
     np.testing.assert_allclose(q[:2], keys / np.linalg.norm(keys, axis=1, keepdims=True),
                                atol=1e-5)
     m.train_step(_batch(seed=1))  # the EMA moves from the second step on (MoCo order)

@@ -14,7 +14,8 @@ from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 VOLUME = tf.cast(tf.random.stateless_uniform([60, 56, 40, 1], [4, 2], -1000, 1000, tf.int32), tf.int16)
-TINY = Config(base_width=2, queue_size=5, proj_dim=8, gate_hidden=8, momentum=0.5)
+TINY = Config(base_width=2, queue_size=5, proj_dim=8, gate_hidden=8, momentum=0.5,
+              key_bn_groups=1)  # batches of 2-3: one BatchNorm group of keys
 
 
 def to_unit(x):
@@ -138,8 +139,9 @@ def test_decoder_inputs_are_the_mixed_features_and_inputs():
     """With view 2 = view 1 (same vector) and the EMA a copy of the student,
     each query equals its key, and the cross-model mix of identical features
     restores what the student alone restores; the input-mixup branch
-    decodes the mixed input."""
-    m = _method()
+    decodes the mixed input (everything in inference mode: keys from the
+    moving statistics)."""
+    m = _method(dataclasses.replace(TINY, key_bn_groups=0))
     b = _batch(b=3, seed=6)
     b.update(view2=b["view1"], aug2=b["aug1"])
     draws = m.mixing_draws(3, step=2)
@@ -151,6 +153,19 @@ def test_decoder_inputs_are_the_mixed_features_and_inputs():
     mixed = lam * b["view1"] + (1 - lam) * tf.gather(b["view1"], perm)
     np.testing.assert_allclose(out["mixup"], m(mixed), atol=1e-5)
     np.testing.assert_allclose(out["mixup_cross"], out["mixup"], atol=1e-5)
+
+
+def test_keys_use_batch_statistics_like_the_training_student():
+    """key_bn_groups = 1: the EMA (a copy of the student) normalises the key
+    batch by its own statistics, so each key equals the query the student
+    computes in training mode on the same input."""
+    m = _method()
+    b = _batch(b=3, seed=6)
+    b.update(view2=b["view1"], aug2=b["aug1"])
+    res = m.objective(b, m.mixing_draws(3, step=2), training=True)
+    np.testing.assert_allclose(res["queries"], res["keys"], atol=1e-5)
+    inference = m.objective(b, m.mixing_draws(3, step=2))
+    assert not np.allclose(inference["queries"], inference["keys"], atol=1e-3)
 
 
 def test_gradients_reach_the_student_only():

@@ -17,7 +17,7 @@ from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 TINY = Config(base_width=2, levels=3, proj_dim=8, proj_hidden_dim=16, local_dim=4, local_stages=2,
-              momentum=0.9)
+              momentum=0.9, key_bn_groups=1)  # small batches: one BatchNorm group
 CROP = (16, 16, 8)
 
 

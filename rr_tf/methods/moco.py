@@ -12,7 +12,10 @@ Per step, for two augmented views of one volume:
 4. gradients update the query encoder and its head only;
 5. the keys of every replica are gathered and enqueued (FIFO).
 
-The head is MoCo v2's MLP (Dense-ReLU-Dense, hidden = the encoder width).
+The head is methods.md's projection MLP, Dense-BN-ReLU-Dense with hidden =
+the encoder width (512 at base 32); ``proj_bn=False`` gives the MoCo v2
+code's Dense-ReLU-Dense. The key encoder uses shuffling BN
+(``key_bn_groups``; see :mod:`rr_tf.methods.contrastive`).
 Transfer: the UNet3D encoder (part ``unet``).
 """
 
@@ -38,7 +41,8 @@ class Config:
     proj_dim: int = param(128, "Contrastive embedding size.", low=1)
     proj_hidden_dim: int = param(512, "Hidden width of the projection MLP (MoCo v2 / SimCLR: "
                                  "the encoder width, 512 at base 32).", low=1)
-    proj_bn: bool = param(False, "BatchNorm in the projection MLP (MoCo v2: no; SimCLR: yes).")
+    proj_bn: bool = param(True, "BatchNorm in the projection MLP (methods.md's Dense-BN-ReLU-"
+                          "Dense; the MoCo v2 code's MLP has none).")
     queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
     temperature: float = param(0.2, "InfoNCE temperature.", low=1e-4)
     momentum: float = param(0.999, "EMA momentum of the key encoder.", low=0.0, high=1.0)

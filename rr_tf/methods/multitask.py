@@ -29,9 +29,9 @@ by slice (``rr_tf.models.unet2d.SliceSegmenter``).
 Left out: the design's alternative position task (classify the order of a
 shuffled triplet of slices). It needs three more slabs per sample and three
 more encoder passes per step, where the regression reuses the embedding the
-contrastive term computes anyway (one small MLP). Also left out: MoCo's
-shuffled BatchNorm (the key encoder runs in inference mode, as in RepRec);
-MICLe pairing (``--pairing=patient``): slice positions of two scans do not
+contrastive term computes anyway (one small MLP). The key encoder uses MoCo's
+shuffled BatchNorm (``key_bn_groups``, as rr_tf's MoCo). Also left out: MICLe
+pairing (``--pairing=patient``): slice positions of two scans do not
 correspond.
 """
 
@@ -44,9 +44,11 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups
+from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import NORMS
-from rr_tf.models.momentum import MomentumEncoder, Queue
+from rr_tf.models.momentum import MomentumEncoder, Queue, batch_statistics, shuffled_group_apply
 from rr_tf.models.unet2d import SliceFeatures, UNet2D
 from rr_tf.models.unet3d import unet3d_channels
 
@@ -65,6 +67,7 @@ class Config:
     queue_size: int = param(65536, "MoCo queue length (>= the global batch size).", low=1)
     temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
     momentum: float = param(0.999, "EMA momentum of the key encoder.", low=0.0, high=1.0)
+    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
     neighbour_range: int = param(2, "Contrastive positives: the key slab is centred on a "
                                  "slice within +-this many slices of the query's (0 = the same "
                                  "slice under two augmentations).", low=0)
@@ -120,6 +123,7 @@ class SequentialMultiTask(PretrainMethod):
                               f"{factor} ({config.levels} UNet2D levels)")
         if config.queue_size < run.batch_size:
             raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
+        check_key_bn_groups(config, run)
         if config.lambda_contrast + config.lambda_position + config.lambda_restore <= 0:
             raise ConfigError("lambda_contrast", "at least one task weight must be > 0")
 
@@ -173,10 +177,28 @@ class SequentialMultiTask(PretrainMethod):
         """(InfoNCE loss, logits, queries, keys): query from the online
         embedding, key from the momentum encoder (constant)."""
         q = self.proj(embedding, training=training)
-        k = self.proj_ema(global_average(self.unet_ema.target.encode(key_slab)[-1]))
-        k = ops.stop_gradient(k)
+        k = self.keys(key_slab)
         loss, logits = losses.info_nce(q, k, self.queue.values(), self.config.temperature)
         return loss, logits, q, k
+
+    def keys(self, key_slab):
+        """Momentum encoder + head on the key slabs (constants); shuffling BN
+        over ``key_bn_groups`` groups of the global batch (0: the EMA moving
+        statistics), as MoCo."""
+        groups = self.config.key_bn_groups
+        net = self.unet_ema.target
+
+        def encode(slab):
+            if not groups:
+                return self.proj_ema(global_average(net.encode(slab)[-1]))
+            with batch_statistics(net):
+                features = global_average(net.encode(slab, training=True)[-1])
+            return self.proj_ema(features, batch_stats=True)
+
+        if not groups:
+            return ops.stop_gradient(encode(key_slab))
+        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
+        return shuffled_group_apply(encode, key_slab, groups, seed)
 
     def position_term(self, embedding, position, training):
         """(MSE, mean absolute error) of the regressed normalised z-position."""

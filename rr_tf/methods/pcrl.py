@@ -35,9 +35,10 @@ Choices, where the public code (Luchixiang/PCRL, 3D) differs or is silent:
 
 * The momentum copy is the U-Net *encoder* + embedding head: the public code
   keeps an EMA of the whole network but never runs the EMA decoder, so the
-  copy of it would be dead weight. The EMA runs in inference mode (BatchNorm
-  uses the EMA of the online statistics; the public code runs it with batch
-  statistics and ShuffleBN), as rr_tf's MoCo does.
+  copy of it would be dead weight. Its BatchNorm uses batch statistics over
+  ``key_bn_groups`` random groups of the global batch (the public code's
+  batch statistics + ShuffleBN, as rr_tf's MoCo); 0 = the EMA moving
+  statistics.
 * The conditioned decoder's target is the *clean* crop transformed (the
   public code transforms the corrupted input, and its mixup targets are the
   crops before the spatial augmentation that the inputs went through).
@@ -59,9 +60,11 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups
+from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import NORMS, _register
-from rr_tf.models.momentum import MomentumEncoder, Queue
+from rr_tf.models.momentum import MomentumEncoder, Queue, shuffled_group_apply
 from rr_tf.models.parts import UNetFeatures
 from rr_tf.models.unet3d import UNet3D
 
@@ -86,6 +89,7 @@ class Config:
     queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
     temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
     momentum: float = param(0.999, "EMA momentum of the key / target encoder.", low=0.0, high=1.0)
+    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
     gate_hidden: int = param(256, "PCRL: hidden width of the transformation-gating MLP "
                              "(7 -> hidden -> bottleneck channels).", low=1)
     mixup_alpha: float = param(1.0, "PCRL: Beta(a, a) of the cross-model (alpha) and input "
@@ -196,6 +200,7 @@ class PCRL(PretrainMethod):
                               f"D and H must be equal, got {run.crop_size}")
         if config.queue_size < run.batch_size:
             raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
+        check_key_bn_groups(config, run)
         if config.output_activation not in ACTIVATIONS:
             raise ConfigError("output_activation", f"must be one of {ACTIVATIONS}")
         if config.mixup_alpha <= 0:
@@ -242,16 +247,11 @@ class PCRL(PretrainMethod):
         return self.unet(x, training=training)
 
     # ------------------------------------------------------------ pieces
-    def _step(self):
-        if self.optimizer is None:
-            return tf.constant(0, tf.int32)
-        return tf.cast(self.optimizer.iterations, tf.int32)
-
     def mixing_draws(self, batch_size, step=None):
         """This step's ``(alpha, alpha2, lam, perm)``: cross-model mixup of
         the plain and of the mixed views, input mixup and its in-batch
         permutation; stateless from ``(seed, step)``."""
-        step = self._step() if step is None else tf.cast(step, tf.int32)
+        step = optimizer_step(self) if step is None else tf.cast(step, tf.int32)
         seed = tf.stack([tf.constant(self.seed, tf.int32), step])
         alpha, alpha2, lam = tf.unstack(folded_beta(seed, 3, self.config.mixup_alpha))
         noise = tf.random.stateless_uniform([batch_size], tf.random.experimental.stateless_fold_in(
@@ -269,9 +269,19 @@ class PCRL(PretrainMethod):
         return self.unet.decode(pyramid, training=training)[1]
 
     def keys(self, x):
-        """EMA encoder pyramid and key embedding of ``x`` (constants)."""
-        pyramid = [ops.stop_gradient(f) for f in self.encoder_ema(x)]
-        return pyramid, ops.stop_gradient(self.head_ema(pyramid[-1]))
+        """EMA encoder pyramid and key embedding of ``x`` (constants), with
+        shuffling BN when ``key_bn_groups`` > 0."""
+        groups = self.config.key_bn_groups
+
+        def encode(v):
+            pyramid = list(self.encoder_ema(v, batch_stats=groups > 0))
+            return pyramid, self.head_ema(pyramid[-1], batch_stats=groups > 0)
+
+        if not groups:
+            pyramid, key = encode(x)
+            return [ops.stop_gradient(f) for f in pyramid], ops.stop_gradient(key)
+        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
+        return shuffled_group_apply(encode, x, groups, seed)
 
     def restoration_targets(self, batch, draws):
         """What the decoder must output in each restoration term."""

@@ -50,6 +50,7 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.heads import PredictorHead, ReconstructionHead, global_pool
 from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register
 from rr_tf.models.parts import CNNPyramid
@@ -231,9 +232,6 @@ class PCRLv2(PretrainMethod):
         mids = [head(f) for f, head in zip(stages, self.reconstructions)] if reconstruct else None
         return emb, out, mids
 
-    def _step(self):
-        return self.optimizer.iterations if self.optimizer is not None else 0
-
     # ------------------------------------------------------------ objective
     def objective(self, batch, training=True):
         """Every loss term of one batch, as a dict (``loss`` = their sum)."""
@@ -246,7 +244,7 @@ class PCRLv2(PretrainMethod):
         locs = batch["locals"]
         n_local = int(locs.shape[1])
         b = tf.shape(g1)[0]
-        step = self._step()
+        step = optimizer_step(self)
         onehot = tf.one_hot(stage_choices(self.seed, step, 1 + 2 * n_local, self.num_stages),
                             self.num_stages)
         w_mid = mid_stage_weight(step, cfg.mid_decay_steps)

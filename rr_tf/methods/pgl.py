@@ -42,9 +42,11 @@ from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods import alignment
 from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.contrastive import check_key_bn_groups
+from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register, with_channels
-from rr_tf.models.momentum import MomentumEncoder
+from rr_tf.models.momentum import MomentumEncoder, batch_statistics, shuffled_group_apply
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
 
@@ -69,6 +71,10 @@ class Config:
     lambda_global: float = param(1.0, "Weight of the global (BYOL) term.", low=0.0)
     lambda_local: float = param(1.0, "Weight of the local consistency term.", low=0.0)
     momentum: float = param(0.996, "EMA momentum of the target network.", low=0.0, high=1.0)
+    key_bn_groups: int = param(2, "Target network BatchNorm: statistics over this many random "
+                               "groups of the global batch (BYOL runs its target with batch "
+                               "statistics; a multiple of the replica count that divides the "
+                               "batch); 0 = its EMA moving statistics.", low=0)
     min_iou: float = param(0.3, "Minimum 3D IoU of the two crops (their overlap is what the "
                            "local term aligns).", low=0.0, high=1.0)
     crop_scales: tuple = param((1.0, 1.25, 1.5), "Crop sizes as multiples of --crop_size "
@@ -204,6 +210,7 @@ class PGL(PretrainMethod):
             raise ConfigError("local_loss", "must be 'cosine' or 'mse'")
         if not 0.0 <= config.momentum <= 1.0:
             raise ConfigError("momentum", "must be in [0, 1]")
+        check_key_bn_groups(config, run)
         if not config.crop_scales or min(config.crop_scales) <= 0:
             raise ConfigError("crop_scales", "need positive scales")
 
@@ -252,14 +259,25 @@ class PGL(PretrainMethod):
 
     def target(self, x):
         """(global projection, per-stage voxel-wise projections) of the EMA
-        target network, as constants (inference-mode BN, as rr_tf's other
-        momentum encoders)."""
+        target network, as constants. Its BatchNorm uses the statistics of
+        ``key_bn_groups`` random groups of the global batch (BYOL's target
+        runs in training mode), or with 0 the EMA moving statistics."""
+        groups = self.config.key_bn_groups
         net = self.unet_ema.target
-        pyramid = net.encode(x, training=False)
-        stages = decoder_stages(net, pyramid, self.num_local_stages)
-        z = self.projector_ema(pyramid[-1])
-        k = self.local_projector_ema(stages)
-        return ops.stop_gradient(z), [ops.stop_gradient(t) for t in k]
+
+        def project(v):
+            pyramid = net.encode(v, training=groups > 0)
+            stages = decoder_stages(net, pyramid, self.num_local_stages, training=groups > 0)
+            return (self.projector_ema(pyramid[-1], batch_stats=groups > 0),
+                    self.local_projector_ema(stages, batch_stats=groups > 0))
+
+        if not groups:
+            z, k = project(x)
+            return ops.stop_gradient(z), [ops.stop_gradient(t) for t in k]
+        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
+        with batch_statistics(net):
+            z, k = shuffled_group_apply(project, x, groups, seed)
+        return z, list(k)
 
     def update_targets(self):
         for ema in (self.unet_ema, self.projector_ema, self.local_projector_ema):

@@ -288,8 +288,9 @@ def shuffled_group_apply(fn, x, groups, seed):
     through the result.
 
     Args:
-      fn: maps a ``[n, ...]`` tensor to ``[n, ...]`` (e.g. the key encoder
-        under :func:`batch_statistics`).
+      fn: maps a ``[n, ...]`` tensor to a tensor or a nested structure of
+        ``[n, ...]`` tensors (e.g. the key encoder under
+        :func:`batch_statistics`); the result has the same structure.
       x: this replica's batch.
       groups: number of BatchNorm groups over the global batch.
       seed: int32 ``[2]`` stateless seed, the same on every replica.
@@ -314,11 +315,15 @@ def shuffled_group_apply(fn, x, groups, seed):
     rid = 0 if ctx is None else ctx.replica_id_in_sync_group
     mine = tf.gather(everything, perm[rid * share:(rid + 1) * share])
     size = total // groups
-    out = ops.concatenate([fn(mine[i * size:(i + 1) * size])
-                           for i in range(groups // replicas)], axis=0)
-    out = tf.gather(gather_from_replicas(out), inverse)
+    parts = [fn(mine[i * size:(i + 1) * size]) for i in range(groups // replicas)]
     start = replica_row_offset(x)
-    return ops.stop_gradient(out[start:start + tf.shape(x)[0]])
+    local = tf.shape(x)[0]
+
+    def reassemble(*pieces):  # this replica's rows, in the original order
+        out = tf.gather(gather_from_replicas(ops.concatenate(pieces, axis=0)), inverse)
+        return ops.stop_gradient(out[start:start + local])
+
+    return tf.nest.map_structure(reassemble, *parts)
 
 
 # ---------------------------------------------------------------------------
