@@ -47,6 +47,8 @@ flags.DEFINE_integer("finetune_steps", 150, "Fine-tuning steps of every run.", l
 flags.DEFINE_string("crop_size", "48,48,32", "Pre-training crop and fine-tuning patch size.")
 flags.DEFINE_integer("pretrain_batch", 4, "Pre-training batch size.", lower_bound=1)
 flags.DEFINE_integer("finetune_batch", 2, "Fine-tuning batch size.", lower_bound=1)
+flags.DEFINE_integer("val_cases", 2, "Validation volumes each fine-tuning scores to pick its "
+                     "best checkpoint (0 = every val case).", lower_bound=0)
 flags.DEFINE_float("finetune_lr", 1e-3, "Fine-tuning learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("width", 0, "Override the demo flagfiles' base width (0 = keep).", lower_bound=0)
 flags.DEFINE_string("hw", "configs/hw/cpu.flags", "Hardware flagfile for the launchers.")
@@ -123,7 +125,7 @@ def finetune(source, budget, seed, shards, out):
                f"--run_dir={run_dir}", f"--num_labeled={budget}", f"--seed={seed}",
                f"--train_steps={FLAGS.finetune_steps}", f"--crop_size={FLAGS.crop_size}",
                f"--batch_size={FLAGS.finetune_batch}", f"--learning_rate={FLAGS.finetune_lr}",
-               f"--val_every={max(FLAGS.finetune_steps // 3, 1)}",
+               f"--val_every={max(FLAGS.finetune_steps // 3, 1)}", f"--val_cases={FLAGS.val_cases}",
                f"--checkpoint_every={FLAGS.finetune_steps}", "--verbose=none"]
         if source == "scratch":
             width = FLAGS.width or _demo_width()
@@ -196,7 +198,7 @@ def write_report(out, results, budgets, sources, timings):
                                                        "pretrain_cases", "test_cases", "spacing",
                                                        "pretrain_steps", "finetune_steps",
                                                        "crop_size", "pretrain_batch",
-                                                       "finetune_batch", "finetune_lr", "width",
+                                                       "finetune_batch", "finetune_lr", "val_cases", "width",
                                                        "hw", "seed")}}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -57,6 +57,8 @@ flags.DEFINE_integer("val_every", 100, "Steps between validations (sliding-windo
 flags.DEFINE_float("val_overlap", 0.5, "Sliding-window overlap for validation and export.",
                    lower_bound=0.0, upper_bound=0.95)
 flags.DEFINE_integer("val_window_batch", 2, "Windows per forward pass in validation.", lower_bound=1)
+flags.DEFINE_integer("val_cases", 0, "Validation volumes used (the first N labelled val cases of "
+                     "the manifest; 0 = all).", lower_bound=0)
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy.")
 flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
@@ -104,7 +106,7 @@ def main(argv):
             weight_decay=FLAGS.weight_decay, warmup_steps=FLAGS.warmup_steps,
             freeze_encoder_steps=FLAGS.freeze_encoder_steps, class_weights=weights,
             val_every=FLAGS.val_every, val_overlap=FLAGS.val_overlap,
-            val_window_batch=FLAGS.val_window_batch, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
+            val_window_batch=FLAGS.val_window_batch, val_cases=FLAGS.val_cases, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
             jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,
             checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
             log_every=FLAGS.log_every, image_every=FLAGS.image_every,

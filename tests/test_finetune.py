@@ -21,8 +21,9 @@ from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models.segmenters import UNetSegmenter
 from rr_tf.models.unet3d import UNet3D
 from rr_tf.predict import SegmentationModel
+from rr_tf.data.records import read_manifest
 from rr_tf.training.finetune import (FinetuneConfig, choose_labeled, load_pretrained,
-                                     parse_budget, run_finetuning)
+                                     parse_budget, run_finetuning, validation_cases)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -217,3 +218,22 @@ def test_infer_cli_errors(tmp_path):
                           f"--output={tmp_path / 'o.nii.gz'}"], env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "segmenter.keras missing" in res.stderr
+
+
+def test_validation_cases_limit(tmp_path):
+    out = tmp_path / "shards"
+    assert prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=4,
+                                 phantom_shape=(32, 32, 32),
+                                 spec=PreprocessSpec(spacing=(10.0, 10.0, 10.0)), workers=1,
+                                 progress=False, val_fraction=0.5, seed=5), log=lambda m: None).ok
+    spec = PreprocessSpec(spacing=(10.0, 10.0, 10.0))
+    manifest = read_manifest(str(out))
+    val_ids = [c["case_id"] for c in manifest["cases"] if c["split"] == "val"]
+    assert len(val_ids) == 2
+    every = validation_cases(str(out), spec)
+    assert sorted(c["case_id"] for c in every) == sorted(val_ids)
+    first = validation_cases(str(out), spec, limit=1)
+    assert [c["case_id"] for c in first] == val_ids[:1]
+    assert first[0]["image"].ndim == 3 and first[0]["label"].shape == first[0]["image"].shape
+    with pytest.raises(ConfigError, match="val_cases"):
+        FinetuneConfig(data_dir=str(out), run_dir=str(tmp_path / "r"), val_cases=-1).validate()

@@ -58,6 +58,7 @@ class FinetuneConfig:
     val_every: int = 100
     val_overlap: float = 0.5
     val_window_batch: int = 2
+    val_cases: int = 0               # validation volumes used (0 = every labelled val case)
     strategy: str = "default"
     tpu: str = ""
     jit_compile: str = "auto"
@@ -73,6 +74,8 @@ class FinetuneConfig:
     flags_text: str = ""
 
     def validate(self):
+        if self.val_cases < 0:
+            raise ConfigError("val_cases", f"must be >= 0, got {self.val_cases}")
         if self.segmenter not in SEGMENTER_CHOICES:
             raise ConfigError("segmenter", f"must be one of {SEGMENTER_CHOICES}, got {self.segmenter!r}")
         if self.pretrained and not os.path.exists(self.pretrained):
@@ -214,20 +217,23 @@ def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=Fa
     return transfer(dst_parts, src_parts, source=source, parts=parts)
 
 
-def validation_cases(data_dir, spec):
+def validation_cases(data_dir, spec, limit=0):
     """Labelled validation volumes in network units (numpy), for the
-    Validation callback."""
+    Validation callback: the first ``limit`` in manifest order (0 = all)."""
     from rr_tf.data.pipeline import unit_scaler
 
     manifest = records.read_manifest(data_dir)
     ids = [c["case_id"] for c in manifest["cases"] if c["split"] == "val" and c.get("has_label")]
     if not ids:
         return []
-    ds, _ = case_dataset(data_dir, "val", StreamConfig(repeat=False, shuffle_cases=0))
+    if limit:
+        ids = ids[:limit]
+    ds, _ = case_dataset(data_dir, "val", StreamConfig(repeat=False, shuffle_cases=0,
+                                                       case_ids=tuple(ids)))
     to_unit = unit_scaler(spec)
     out = []
     for case in ds:
-        if not bool(case["has_label"]):
+        if not bool(case["has_label"]) or case["case_id"].numpy().decode() not in ids:
             continue
         out.append({"case_id": case["case_id"].numpy().decode(),
                     "image": to_unit(case["image"]).numpy()[..., 0],
@@ -298,7 +304,7 @@ def run_finetuning(config, log=None):
                                      config.allow_spec_mismatch, src_parts, src_spec)
             report.save(os.path.join(run.path, "transfer.json"))
             log(f"pretrained: {report.summary()}; details in {run.path}/transfer.json")
-    val_cases = validation_cases(config.data_dir, spec)
+    val_cases = validation_cases(config.data_dir, spec, config.val_cases)
     extra = []
     labels = list(range(1, num_classes))
     if val_cases:
