@@ -76,13 +76,6 @@ flags.mark_flags_as_required(["data_dir", "run_dir"])
 flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
 
 
-def resolved_flags():
-    own = [f for module, fl in FLAGS.flags_by_module_dict().items()
-           if module.endswith("finetune.py") for f in fl]
-    return "".join(f.serialize() + "\n" for f in own
-                   if f.name != "overwrite" and f.value is not None and f.serialize())
-
-
 def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
@@ -111,7 +104,7 @@ def main(argv):
             checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
             log_every=FLAGS.log_every, image_every=FLAGS.image_every,
             verbose={"bar": 1, "line": 2, "none": 0}[FLAGS.verbose], export=FLAGS.export,
-            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=resolved_flags())
+            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=flagutil.resolved_flags(__file__))
         run_finetuning(config)
     except TrainingDiverged as err:
         flagutil.fail(__file__, str(err), code=1)

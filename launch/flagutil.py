@@ -155,3 +155,18 @@ def flagfile_config(path, config_cls):
 
     read(path)
     return values, crop[0]
+
+
+def resolved_flags(script, extra=()):
+    """The flags ``script`` (its ``__file__``) defines, plus the flags named
+    in ``extra`` (e.g. the method flags of :func:`define_config_flags`, which
+    are registered by this module), with their values, as a flagfile that
+    reproduces the run (what ``flags.txt`` records); flags left at None (the
+    method's own default) are left out. ``--overwrite`` is left out too:
+    replaying the file must resume the run, never wipe it."""
+    name = os.path.basename(script)
+    own = [f for module, fl in flags.FLAGS.flags_by_module_dict().items()
+           if os.path.basename(module) == name for f in fl]
+    own += [flags.FLAGS[n] for n in extra if all(f.name != n for f in own)]
+    return "".join(f.serialize() + "\n" for f in own
+                   if f.name != "overwrite" and f.value is not None and f.serialize())

@@ -80,16 +80,6 @@ def method_config(cls):
     return flagutil.config_from_flags(FLAGS.method, cls.Config, METHOD_FLAGS)
 
 
-def resolved_flags():
-    """This script's flags as a flagfile that reproduces the run (what
-    flags.txt records). ``--overwrite`` is left out: replaying the file must
-    resume the run, never wipe it."""
-    own = [f for module, fl in FLAGS.flags_by_module_dict().items()
-           if module.endswith("pretrain.py") for f in fl]
-    return "".join(f.serialize() + "\n" for f in own
-                   if f.name != "overwrite" and f.value is not None and f.serialize())
-
-
 def ensure_data():
     from rr_tf.data import records
 
@@ -131,7 +121,7 @@ def main(argv):
             checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
             log_every=FLAGS.log_every, image_every=FLAGS.image_every,
             verbose={"bar": 1, "line": 2, "none": 0}[FLAGS.verbose], export=FLAGS.export,
-            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=resolved_flags())
+            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=flagutil.resolved_flags(__file__, sorted(METHOD_FLAGS)))
         ensure_data()
         run_pretraining(config)
     except TrainingDiverged as err:

@@ -36,6 +36,8 @@ def _tiny(name):
         values["base_width"] = 2
     if "queue_size" in fields:
         values["queue_size"] = 8
+    if "key_bn_groups" in fields:
+        values["key_bn_groups"] = 1  # batch 2: one BatchNorm group of keys
     crop = (32, 32, crop[2] if crop[2] < 16 else 32)  # multitask: X, Y, slices
     return cls, cls.Config(**values), crop
 

@@ -32,7 +32,7 @@ def _cmd(data_dir, run_dir, *extra):
             f"--data_dir={data_dir}", f"--run_dir={run_dir}", "--base_width=2", "--crop_size=32,32,32",
             "--batch_size=2", "--crops_per_volume=2", "--queue_size=8", "--proj_dim=8",
             "--transformer_dim=16", "--transformer_depth=1", "--transformer_heads=2",
-            "--decoder_dim=8", "--decoder_depth=1", "--train_steps=12", "--checkpoint_every=3",
+            "--decoder_dim=8", "--decoder_depth=1", "--key_bn_groups=1", "--train_steps=12", "--checkpoint_every=3",
             "--image_every=6", "--verbose=none", "--jit_compile=false", *extra]
 
 
@@ -62,6 +62,9 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     assert metrics["step"] == 12 and np.isfinite(metrics["loss"])
     flags_txt = (run_dir / "flags.txt").read_text()
     assert flags_txt.count("--train_steps=12") == 1 and "overwrite" not in flags_txt
+    # the method's hyper-parameters are recorded too (those given; the rest are its defaults)
+    assert "--transformer_dim=16\n" in flags_txt and "--key_bn_groups=1\n" in flags_txt
+    assert "--mask_ratio" not in flags_txt
     assert any(f.startswith("events.out") for f in os.listdir(run_dir / "tensorboard" / "images"))
 
     # the same command on a finished run is refused with one line
