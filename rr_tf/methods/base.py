@@ -7,6 +7,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from rr_tf.training import optim
+
 
 def param(default, help, choices=None, low=None, high=None):
     """A Config field with what the launcher needs to make a validated flag
@@ -58,20 +60,13 @@ class PretrainMethod(keras.Model):
 
     @staticmethod
     def replica_scaled(loss):
-        """Divides by the number of replicas: under tf.distribute the
-        optimizer sums the replicas' gradients."""
-        return loss / tf.distribute.get_strategy().num_replicas_in_sync
+        """Divides by the number of replicas (:func:`rr_tf.training.optim.replica_scaled`)."""
+        return optim.replica_scaled(loss)
 
     def backprop(self, tape, loss, variables):
         """Backprop ``loss`` (already replica-scaled) into ``variables``
-        (handles the float16 loss-scale optimizer)."""
-        opt = self.optimizer
-        if hasattr(opt, "scale_loss"):
-            with tape:  # re-enter: the scaling must be recorded to reach the gradients
-                loss = opt.scale_loss(loss)
-        grads = tape.gradient(loss, variables)
-        opt.apply_gradients(zip(grads, variables))
-        return grads
+        (:func:`rr_tf.training.optim.backprop`: float16 loss scaling)."""
+        return optim.backprop(self.optimizer, tape, loss, variables)
 
     @staticmethod
     def sample_volume(batch):

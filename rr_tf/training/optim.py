@@ -1,6 +1,7 @@
 """Optimizer + learning-rate schedule (linear warm-up then cosine decay)."""
 
 import keras
+import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 
@@ -33,3 +34,23 @@ def build_optimizer(name, learning_rate, total_steps, weight_decay=0.0, warmup_s
     if mixed_precision == "float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+def replica_scaled(loss):
+    """``loss`` divided by the number of replicas: under tf.distribute the
+    optimizer sums the replicas' gradients, so this gives the gradient of
+    the global-batch mean."""
+    return loss / tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def backprop(optimizer, tape, loss, variables):
+    """Gradients of ``loss`` (already replica-scaled) recorded on ``tape``,
+    applied to ``variables``; returns them. With a float16 loss-scale
+    optimizer the scaling is recorded on the same tape (re-entered), or the
+    gradients would not reach the variables."""
+    if hasattr(optimizer, "scale_loss"):
+        with tape:
+            loss = optimizer.scale_loss(loss)
+    grads = tape.gradient(loss, variables)
+    optimizer.apply_gradients(zip(grads, variables))
+    return grads

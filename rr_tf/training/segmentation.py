@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from rr_tf import losses
+from rr_tf.training import optim
 from rr_tf.training.callbacks import _step
 
 
@@ -57,13 +58,8 @@ class SegmentationTask(keras.Model):
         with tf.GradientTape() as tape:
             logits = self.segmenter(image, training=True)
             loss = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights)
-            scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
-        opt = self.optimizer
-        if hasattr(opt, "scale_loss"):
-            with tape:
-                scaled = opt.scale_loss(scaled)
-        grads = tape.gradient(scaled, variables)
-        opt.apply_gradients(zip(grads, variables))
+            scaled = optim.replica_scaled(loss)
+        optim.backprop(self.optimizer, tape, scaled, variables)
         ce = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights,
                                  dice_weight=0.0)
         values = {"loss": loss, "loss_ce": ce, "train_dice": foreground_dice(logits, label,
