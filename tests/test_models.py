@@ -173,6 +173,18 @@ def test_vit_token_counts_and_grids():
     assert emb.compute_output_shape((None, 32, 32, 16, 1)) == (None, 32, 6)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 12, 4, 2), (1, 9, 13, 6, 1)])
+def test_patch_embedding_matmul_equals_the_strided_conv(shape):
+    """The layer computes patchify @ kernel; the Conv3D it holds (kernel =
+    stride = patch, valid: remainders dropped) must give the same tokens."""
+    emb = PatchEmbedding3D((4, 4, 2), 5)
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    tokens = emb(x).numpy()
+    conv = emb.proj(x).numpy()
+    np.testing.assert_allclose(tokens, conv.reshape(shape[0], -1, 5), rtol=1e-5, atol=1e-5)
+    assert tokens.shape[1] == (shape[1] // 4) * (shape[2] // 4) * (shape[3] // 2)
+
+
 @pytest.mark.parametrize("grid,dim", [((2, 3, 4), 24), ((4, 4, 4), 64)])
 def test_sincos_position_embedding(grid, dim):
     emb = np.asarray(sincos_position_embedding_3d(grid, dim))

@@ -40,7 +40,7 @@ from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.methods.masking import global_random_masking, optimizer_step
 from rr_tf.models.parts import ViTFeatures
-from rr_tf.models.vit3d import (MaskedTokenDecoder, ViT3D, add_position_embedding, num_visible,
+from rr_tf.models.vit3d import (MaskedTokenDecoder, ViT3D, num_visible,
                                 patchify, unpatchify)
 
 MASK_GREY = 0.5  # what the "masked_input" image shows in place of a masked patch
@@ -153,17 +153,8 @@ class MAE(PretrainMethod):
         return token_mask, ids_keep, ids_restore, grid
 
     def patch_tokens(self, volume):
-        """ViT3D's patch embedding + position embedding, computed as
-        ``patchify(x) @ kernel + bias`` with the ViT's own Conv3D weights (the
-        same values as ``vit.embed``: kernel = stride = patch). On CPU,
-        TensorFlow's Conv3D gradient for a 16^3 stride-16 kernel takes
-        minutes per step; this matmul takes milliseconds."""
-        proj = self.vit.patch_embed.proj
-        dtype = proj.compute_dtype
-        kernel = ops.reshape(ops.cast(proj.kernel, dtype), (-1, proj.filters))
-        patches = patchify(ops.cast(volume, dtype), self.config.patch_size)
-        tokens = ops.matmul(patches, kernel) + ops.cast(proj.bias, dtype)
-        return add_position_embedding(tokens, self.vit.grid(volume.shape[1:4]))
+        """ViT3D's patch embedding + position embedding (``vit.embed``)."""
+        return self.vit.embed(volume)[0]
 
     def forward_encoder(self, volume, ids_keep, training=False):
         """Latents of the visible patches only ``[B, K, dim]``: masked

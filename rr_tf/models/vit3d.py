@@ -11,7 +11,7 @@ import keras
 from keras import ops
 
 from rr_tf.models.layers import (PatchEmbedding3D, TransformerEncoder, _register, as_triple,
-                                 sincos_position_embedding_3d)
+                                 patchify, sincos_position_embedding_3d)
 
 
 # ---------------------------------------------------------------------------
@@ -71,17 +71,6 @@ def random_masking(tokens, mask_ratio, seed=None):
     shuffled_mask = ops.cast(ranks >= keep, "float32")
     token_mask = ops.take_along_axis(shuffled_mask, ids_restore, axis=1)
     return visible, token_mask, ids_restore, ids_keep
-
-
-def patchify(volumes, patch_size):
-    """``[B, D, H, W, C]`` -> ``[B, N, pd*ph*pw*C]`` (voxels in (pd, ph, pw, C) order)."""
-    pd, ph, pw = as_triple(patch_size, "patch_size")
-    shape = ops.shape(volumes)
-    b, c = shape[0], shape[4]
-    gd, gh, gw = shape[1] // pd, shape[2] // ph, shape[3] // pw
-    x = ops.reshape(volumes, (b, gd, pd, gh, ph, gw, pw, c))
-    x = ops.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7))
-    return ops.reshape(x, (b, gd * gh * gw, pd * ph * pw * c))
 
 
 def unpatchify(patches, patch_size, grid, channels=1):
