@@ -237,3 +237,27 @@ def test_validation_cases_limit(tmp_path):
     assert first[0]["image"].ndim == 3 and first[0]["label"].shape == first[0]["image"].shape
     with pytest.raises(ConfigError, match="val_cases"):
         FinetuneConfig(data_dir=str(out), run_dir=str(tmp_path / "r"), val_cases=-1).validate()
+
+
+def test_tensorboard_panels_overlay_labels_in_the_figure_colours():
+    from rr_tf.training.segmentation import SegmentationTask
+    from rr_tf.utils.figures import PALETTE, tensorboard_overlay
+
+    image = np.full((1, 4, 4, 1), 0.5, np.float32)
+    labels = np.zeros((1, 4, 4), np.int32)
+    labels[0, 1, 2] = 2
+    out = tensorboard_overlay(image, labels, 3, alpha=0.5).numpy()
+    np.testing.assert_allclose(out[0, 0, 0], [0.5, 0.5, 0.5])  # background stays grey
+    np.testing.assert_allclose(out[0, 1, 2], 0.5 * 0.5 + 0.5 * np.asarray(PALETTE[1]) / 255.0,
+                               rtol=1e-6)
+    task = SegmentationTask(UNetSegmenter(3, base_width=2, levels=3), 3)
+    vol = np.random.default_rng(0).uniform(size=(2, 16, 12, 8, 1)).astype(np.float32)
+    lab = np.zeros((2, 16, 12, 8), np.int32)
+    lab[:, 4:8, 4:8, 4] = 1
+    panel = task.summary_images({"image": vol, "label": lab})["image_label_prediction"].numpy()
+    assert panel.shape == (2, 16, 36, 3)  # image | label overlay | prediction overlay
+    grey = vol[:, :, :, 4, 0]
+    np.testing.assert_allclose(panel[..., :12, 0], grey, rtol=1e-6)
+    labelled = panel[:, 4:8, 12 + 4:12 + 8]
+    expected = 0.45 * grey[:, 4:8, 4:8, None] + 0.55 * np.asarray(PALETTE[0]) / 255.0
+    np.testing.assert_allclose(labelled, expected, rtol=1e-5)

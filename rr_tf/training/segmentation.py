@@ -19,6 +19,7 @@ from keras import ops
 
 from rr_tf import losses
 from rr_tf.training import optim
+from rr_tf.utils.figures import tensorboard_overlay
 from rr_tf.training.callbacks import _step
 
 
@@ -73,17 +74,18 @@ class SegmentationTask(keras.Model):
         return [_EncoderFreeze(self.freeze_encoder_steps)] if self.freeze_encoder_steps else []
 
     def summary_images(self, batch):
-        """Middle axial slice: image, label and prediction (labels as grey levels)."""
+        """Middle axial slice of up to 4 patches: the image, then the label
+        and the prediction overlaid on it in the evaluation figure's colours
+        (``image_label_prediction``, RGB side by side)."""
         image, label = batch["image"][:4], batch["label"][:4]
         pred = ops.argmax(self.segmenter(image, training=False), axis=-1)
         z = image.shape[3] // 2
-        scale = float(max(self.num_classes - 1, 1))
-        lab = ops.cast(label[:, :, :, z], "float32")[..., None] / scale
-        prd = ops.cast(pred[:, :, :, z], "float32")[..., None] / scale
         img = image[:, :, :, z]
-        overlay = ops.concatenate([img, ops.maximum(img * 0.5, lab), ops.maximum(img * 0.5, prd)],
-                                  axis=2)
-        return {"image_label_prediction": overlay}
+        lab = ops.reshape(label, ops.shape(pred))[:, :, :, z]
+        grey = ops.repeat(ops.clip(ops.cast(img, "float32"), 0.0, 1.0), 3, axis=-1)
+        panels = [grey, tensorboard_overlay(img, lab, self.num_classes),
+                  tensorboard_overlay(img, pred[:, :, :, z], self.num_classes)]
+        return {"image_label_prediction": ops.concatenate(panels, axis=2)}
 
 
 def foreground_dice(logits, labels, num_classes):
