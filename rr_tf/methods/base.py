@@ -68,6 +68,14 @@ class PretrainMethod(keras.Model):
         (:func:`rr_tf.training.optim.backprop`: float16 loss scaling)."""
         return optim.backprop(self.optimizer, tape, loss, variables)
 
+    def finish_build(self, volume):
+        """The last step of ``build_for``: call the model once (marks it
+        built) and build the optimizer over every trainable variable."""
+        self(volume)
+        self.built = True
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+
     @staticmethod
     def sample_volume(batch):
         """One volume batch [B, D, H, W, 1] of a recipe batch (builds parts)."""

@@ -205,12 +205,6 @@ class ContrastiveEncoderMethod(ContrastiveBranch, PretrainMethod):
         self.proj(self.contrastive_features(v))
         return v
 
-    def finish_build(self, v):
-        self(v)
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
-
     def call(self, x, training=False):
         """The online embedding of a volume batch ``[B, proj_dim]``."""
         return self.proj(self.contrastive_features(x, training=training), training=training)

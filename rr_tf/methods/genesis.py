@@ -111,10 +111,7 @@ class ModelsGenesis(PretrainMethod):
     def build_for(self, batch):
         v = self.sample_volume(batch)
         self.unet.build(tuple(v.shape))
-        self(v)
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+        self.finish_build(v)
 
     def call(self, x, training=False):
         """The restoration of a (corrupted) crop."""

@@ -133,10 +133,7 @@ class MAE(PretrainMethod):
         self.vit.build(v.shape)
         tokens, grid = self.vit.embed(v)
         self.decoder(self.vit.encode_tokens(tokens), None, grid=grid)
-        self(v)
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+        self.finish_build(v)
 
     def call(self, x, training=False):
         """Unmasked encoding: tokens ``[B, N, transformer_dim]``."""

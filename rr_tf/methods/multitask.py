@@ -160,10 +160,7 @@ class SequentialMultiTask(PretrainMethod):
         self.unet_ema = MomentumEncoder(self.unet, self.config.momentum, name="unet2d_ema")
         self.proj_ema = MomentumEncoder(self.proj, self.config.momentum, name="projection_ema")
         self.queue.build(None)
-        self(x)
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+        self.finish_build(x)
 
     def call(self, x, training=False):
         return self.unet(x, training=training)

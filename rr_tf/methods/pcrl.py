@@ -237,10 +237,7 @@ class PCRL(PretrainMethod):
         self.encoder_ema.update(0.0)  # starts as a copy
         self.head_ema = MomentumEncoder(self.head, cfg.momentum, name="embedding_ema")
         self.queue.build(None)
-        self(v)
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+        self.finish_build(v)
 
     def call(self, x, training=False):
         """The unconditioned restoration of a crop (the transferable U-Net)."""

@@ -211,10 +211,7 @@ class PCRLv2(PretrainMethod):
         v = self.sample_volume(batch)
         self.unet.build(v.shape)
         self.forward(v, reconstruct=True)
-        self(v)
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+        self.finish_build(v)
 
     def call(self, x, training=False):
         return self.unet(x, training=training)

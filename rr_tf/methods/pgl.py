@@ -238,10 +238,7 @@ class PGL(PretrainMethod):
                                              name="projector_ema")
         self.local_projector_ema = MomentumEncoder(self.local_projector, m, sample_input=stages,
                                                    name="local_projector_ema")
-        self(v)
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+        self.finish_build(v)
 
     def call(self, x, training=False):
         return self.unet(x, training=training)

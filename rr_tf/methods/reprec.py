@@ -153,11 +153,8 @@ class RepRec(ContrastiveBranch, PretrainMethod):
         self.proj(fmap)
         self.build_momentum_branch(self.encoder.cnn, self.config.momentum)
         self.queue.build(None)
-        self(v)  # marks the model built
-        self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            # all trainable variables up front: a two-stage run updates subsets
-            self.optimizer.build(self.trainable_variables)
+        # all trainable variables up front: a two-stage run updates subsets
+        self.finish_build(v)
 
     def call(self, x, training=False):
         return self.encoder(x, training=training)
