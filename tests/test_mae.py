@@ -153,7 +153,7 @@ import json
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from rr_tf.methods.masking import global_random_masking
+from rr_tf.methods.masking import global_random_masking, global_uniform
 
 batch = tf.reshape(tf.range(4 * 3, dtype=tf.float32), (4, 3))
 one = global_random_masking(batch, 20, 0.75, seed=7, step=3)[0].numpy().tolist()
@@ -163,7 +163,11 @@ dist = strategy.experimental_distribute_dataset(ds)
 out = strategy.run(tf.function(lambda b: global_random_masking(b, 20, 0.75, seed=7, step=3)[0]),
                    (next(iter(dist)),))
 two = tf.concat(strategy.experimental_local_results(out), 0).numpy().tolist()
-print(json.dumps({"one": one, "two": two}))
+# RepRec's mask_fill=noise draw: per sample over the global batch
+fill_one = global_uniform(batch, 8, 3).numpy().tolist()
+fill = strategy.run(tf.function(lambda b: global_uniform(b, 8, 3)), (next(iter(dist)),))
+fill_two = tf.concat(strategy.experimental_local_results(fill), 0).numpy().tolist()
+print(json.dumps({"one": one, "two": two, "fill_one": fill_one, "fill_two": fill_two}))
 '''
 
 
@@ -176,3 +180,4 @@ def test_one_vs_two_replicas_mask_alike():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(out["two"]) == 4 and out["one"] == out["two"]
     assert len({tuple(r) for r in out["one"]}) == 4  # four different masks
+    assert out["fill_one"] == out["fill_two"] and len({tuple(r) for r in out["fill_one"]}) == 4

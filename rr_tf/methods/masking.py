@@ -14,6 +14,20 @@ from rr_tf.models.momentum import gather_from_replicas, replica_row_offset
 from rr_tf.models.vit3d import num_visible
 
 
+def global_uniform(local_batch, seed, step, dtype=tf.float32):
+    """This replica's rows of ``stateless_uniform([global batch, ...], (seed,
+    step))``, shaped like ``local_batch``: a per-sample draw that does not
+    depend on how the batch is split over replicas (each replica draws the
+    whole global batch and keeps its rows)."""
+    local = tf.shape(local_batch)[0]
+    total = tf.shape(gather_from_replicas(tf.zeros([local, 1])))[0]
+    start = replica_row_offset(local_batch)
+    shape = tf.concat([[total], tf.shape(local_batch)[1:]], 0)
+    draw = tf.random.stateless_uniform(shape, tf.stack([tf.cast(seed, tf.int32),
+                                                        tf.cast(step, tf.int32)]), dtype=dtype)
+    return draw[start:start + local]
+
+
 def global_random_masking(local_batch, num_tokens, mask_ratio, seed, step):
     """MAE random masking of this replica's rows of the global batch.
 

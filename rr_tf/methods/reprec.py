@@ -33,7 +33,7 @@ from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.methods.contrastive import (KEY_BN_HELP, SIMCLR_TEMPERATURE, ContrastiveBranch,
                                        check_key_bn_groups)
-from rr_tf.methods.masking import global_random_masking, optimizer_step
+from rr_tf.methods.masking import global_random_masking, global_uniform, optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
 from rr_tf.models.layers import NORMS
@@ -177,10 +177,10 @@ class RepRec(ContrastiveBranch, PretrainMethod):
         return token_mask, ids_keep, ids_restore, m, grid
 
     def masked_input(self, volume, voxel_mask):
+        """Masked cells filled with zeros, or (``mask_fill=noise``) uniform
+        noise drawn per sample over the global batch (replica-invariant)."""
         if self.config.mask_fill == "noise":
-            step = optimizer_step(self)
-            fill = tf.random.stateless_uniform(tf.shape(volume), tf.stack([self.seed + 1, step]),
-                                               dtype=volume.dtype)
+            fill = global_uniform(volume, self.seed + 1, optimizer_step(self), volume.dtype)
         else:
             fill = ops.zeros_like(volume)
         vm = ops.cast(voxel_mask, volume.dtype)
