@@ -10,6 +10,8 @@ slice by slice) with the pre-trained architecture; without --pretrained it
 is a U-Net built from --base_width/--levels/--norm. Re-running the same
 command on an existing --run_dir resumes it. The best weights by validation
 Dice are exported as a SavedModel with sliding-window inference inside.
+With --consistency_weight > 0 the training cases outside --num_labeled feed
+a mean-teacher consistency loss (semi-supervised; rr_tf.training.mean_teacher).
 """
 
 import os
@@ -72,6 +74,20 @@ flags.DEFINE_enum("verbose", "bar", ["bar", "line", "none"], "Console progress."
 flags.DEFINE_boolean("export", True, "Export the best segmenter at the end.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, the labelled subset and the data stream.")
 flags.DEFINE_boolean("overwrite", False, "Start the run directory afresh.")
+flags.DEFINE_float("consistency_weight", 0.0, "Semi-supervised mean teacher: weight of the "
+                   "consistency loss (MSE between the student's and the EMA teacher's softmax on "
+                   "patches of the training cases outside --num_labeled); 0 = off.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("consistency_rampup_steps", 0, "Mean teacher: steps of the sigmoid ramp-up "
+                     "weight * exp(-5 (1 - step/T)^2) of the consistency weight (0 = none).",
+                     lower_bound=0)
+flags.DEFINE_float("teacher_momentum", 0.99, "Mean teacher: EMA momentum of the teacher, in [0, 1).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("unlabelled_batch_size", 0, "Mean teacher: unlabelled patches per batch "
+                     "(0 = --batch_size).", lower_bound=0)
+flags.DEFINE_float("consistency_noise", 0.1, "Mean teacher: std of the Gaussian noise (clipped at "
+                   "2 std, network units) added independently to the student's and the teacher's "
+                   "input.", lower_bound=0.0)
 flags.mark_flags_as_required(["data_dir", "run_dir"])
 flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
 
@@ -104,7 +120,12 @@ def main(argv):
             checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
             log_every=FLAGS.log_every, image_every=FLAGS.image_every,
             verbose={"bar": 1, "line": 2, "none": 0}[FLAGS.verbose], export=FLAGS.export,
-            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=flagutil.resolved_flags(__file__))
+            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=flagutil.resolved_flags(__file__),
+            consistency_weight=FLAGS.consistency_weight,
+            consistency_rampup_steps=FLAGS.consistency_rampup_steps,
+            teacher_momentum=FLAGS.teacher_momentum,
+            unlabelled_batch_size=FLAGS.unlabelled_batch_size,
+            consistency_noise=FLAGS.consistency_noise)
         run_finetuning(config)
     except TrainingDiverged as err:
         flagutil.fail(__file__, str(err), code=1)

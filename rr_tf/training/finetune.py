@@ -7,6 +7,8 @@ Run directory (``RunDir``; same resume rules as pre-training)::
     run.json  flags.txt  preprocess.json  checkpoints/  tensorboard/
     labelled_cases.json   the cases of the labelled budget (seeded choice)
     transfer.json         what was loaded from --pretrained (or absent)
+    unlabelled_cases.json the training cases of the mean-teacher consistency term
+                          (only with consistency_weight > 0)
     best/                 best weights by validation Dice + best.json
     export/               segmenter.keras + SavedModel with sliding window
 """
@@ -20,6 +22,7 @@ import sys
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from rr_tf.data import records
 from rr_tf.data.pipeline import StreamConfig, case_dataset, view_dataset
@@ -31,6 +34,7 @@ from rr_tf.training.run_dir import RunDir
 from rr_tf.training.segmentation import SegmentationTask, Validation, _read_best
 
 _DATA_RESEED = 1_000_003
+_UNLABELLED_RESEED = 7_919  # the unlabelled stream's seed offset (apart from the labelled one)
 SEGMENTER_CHOICES = ("auto", "unet", "hybrid", "unetr", "slice2d")
 
 
@@ -72,6 +76,16 @@ class FinetuneConfig:
     seed: int = 0
     overwrite: bool = False
     flags_text: str = ""
+    # semi-supervised mean teacher (rr_tf.training.mean_teacher); 0 = off
+    consistency_weight: float = 0.0
+    consistency_rampup_steps: int = 0    # sigmoid ramp-up of the weight (0 = none)
+    teacher_momentum: float = 0.99       # EMA momentum of the teacher
+    unlabelled_batch_size: int = 0       # unlabelled patches per batch (0 = batch_size)
+    consistency_noise: float = 0.1       # std of the Gaussian input noise (network units)
+
+    @property
+    def mean_teacher(self):
+        return self.consistency_weight > 0
 
     def validate(self):
         if self.val_cases < 0:
@@ -89,6 +103,20 @@ class FinetuneConfig:
         if not 0.0 <= self.val_overlap < 1.0:
             raise ConfigError("val_overlap", "must be in [0, 1)")
         parse_budget(self.num_labeled)
+        if not (math.isfinite(self.consistency_weight) and self.consistency_weight >= 0):
+            raise ConfigError("consistency_weight", f"must be a finite number >= 0 (0 = off), "
+                              f"got {self.consistency_weight}")
+        if self.consistency_rampup_steps < 0:
+            raise ConfigError("consistency_rampup_steps", f"must be >= 0 (0 = no ramp-up), got "
+                              f"{self.consistency_rampup_steps}")
+        if not 0.0 <= self.teacher_momentum < 1.0:
+            raise ConfigError("teacher_momentum", f"must be in [0, 1), got {self.teacher_momentum}")
+        if self.unlabelled_batch_size < 0:
+            raise ConfigError("unlabelled_batch_size", f"must be >= 0 (0 = batch_size), got "
+                              f"{self.unlabelled_batch_size}")
+        if not (math.isfinite(self.consistency_noise) and self.consistency_noise >= 0):
+            raise ConfigError("consistency_noise", f"must be a finite number >= 0, got "
+                              f"{self.consistency_noise}")
 
 
 def parse_budget(text):
@@ -124,6 +152,28 @@ def choose_labeled(manifest, budget, seed):
                           f"{len(labelled)}")
     order = np.random.default_rng(seed).permutation(len(labelled))
     return sorted(labelled[i] for i in order[:n])
+
+
+def unlabelled_cases(manifest, labelled):
+    """The training cases outside the labelled budget (with or without a
+    label: the mean teacher never reads it), sorted by id."""
+    budget = set(labelled)
+    return sorted(c["case_id"] for c in manifest["cases"]
+                  if c["split"] == "train" and c["case_id"] not in budget)
+
+
+def unlabelled_stream(config, case_ids, seed):
+    """Batches ``{"view", "box", "case_id"}`` of random ``crop_size`` crops
+    (network units, no label) of the cases ``case_ids`` of the train split,
+    ``unlabelled_batch_size`` (or ``batch_size``) per batch."""
+    if not case_ids:
+        raise ConfigError("consistency_weight", "the mean teacher needs unlabelled training cases")
+    stream = StreamConfig(batch_size=config.unlabelled_batch_size or config.batch_size,
+                          crops_per_volume=config.crops_per_volume, seed=seed,
+                          case_ids=tuple(case_ids))
+    dataset, _ = view_dataset(config.data_dir, "train", recipes.random_crop(config.crop_size),
+                              stream, labelled=False)
+    return dataset
 
 
 def num_classes_of(manifest):
@@ -248,9 +298,22 @@ def run_finetuning(config, log=None):
     manifest = records.read_manifest(config.data_dir)
     spec = manifest["spec_obj"]
     num_classes = num_classes_of(manifest)
-    run = RunDir(config.run_dir)
-    resumed = run.prepare("finetune", spec, config.train_steps, config.overwrite)
     labelled = choose_labeled(manifest, config.num_labeled, config.seed)
+    mode = "mean_teacher" if config.mean_teacher else "supervised"
+    unlabelled = unlabelled_cases(manifest, labelled) if config.mean_teacher else []
+    if config.mean_teacher and not unlabelled:
+        raise ConfigError("consistency_weight", f"the mean teacher (consistency_weight > 0) needs "
+                          f"unlabelled training cases, but the labelled budget "
+                          f"(num_labeled={config.num_labeled}) takes all {len(labelled)} training "
+                          "cases; lower --num_labeled or set --consistency_weight=0")
+    run = RunDir(config.run_dir)
+    before = None if config.overwrite else run.state()
+    if before is not None and before.get("method") == "finetune" and \
+            before.get("mode", "supervised") != mode:
+        held = before.get("mode", "supervised")
+        raise ConfigError("consistency_weight", f"{run.path} holds a {held} fine-tuning; it cannot "
+                          f"be resumed as {mode} (use another --run_dir or --overwrite)")
+    resumed = run.prepare("finetune", spec, config.train_steps, config.overwrite)
 
     # the architecture: from the pre-trained parts (keys must match) or from the config
     src_parts = src_spec = None
@@ -265,9 +328,17 @@ def run_finetuning(config, log=None):
         args = dict(config.segmenter_args)
     run.write_state(kind=kind, segmenter_args=args, num_classes=num_classes,
                     crop_size=list(config.crop_size), seed=config.seed,
-                    pretrained=config.pretrained, labelled_cases=labelled)
+                    pretrained=config.pretrained, labelled_cases=labelled, mode=mode)
     with open(os.path.join(run.path, "labelled_cases.json"), "w") as f:
         json.dump(labelled, f, indent=1)
+    if config.mean_teacher:
+        run.write_state(unlabelled_cases=unlabelled, consistency_weight=config.consistency_weight,
+                        consistency_rampup_steps=config.consistency_rampup_steps,
+                        teacher_momentum=config.teacher_momentum,
+                        unlabelled_batch_size=config.unlabelled_batch_size or config.batch_size,
+                        consistency_noise=config.consistency_noise)
+        with open(os.path.join(run.path, "unlabelled_cases.json"), "w") as f:
+            json.dump(unlabelled, f, indent=1)
     if config.flags_text:
         with open(run.flags, "w") as f:
             f.write(config.flags_text)
@@ -286,6 +357,14 @@ def run_finetuning(config, log=None):
     recipe = recipes.finetune_patch(config.crop_size, fg_fraction=config.fg_fraction)
     dataset, _ = view_dataset(config.data_dir, "train", recipe, stream, labelled=True)
     dataset = dataset.map(lambda b: {"image": b["image"], "label": b["label"]})
+    if config.mean_teacher:
+        log(f"mean teacher: {len(unlabelled)} unlabelled training case(s), consistency weight "
+            f"{config.consistency_weight} (ramp-up {config.consistency_rampup_steps} steps), "
+            f"teacher momentum {config.teacher_momentum}")
+        extra_stream = unlabelled_stream(config, unlabelled,
+                                         config.seed + _UNLABELLED_RESEED + _DATA_RESEED * step0)
+        dataset = tf.data.Dataset.zip((dataset, extra_stream)).map(
+            lambda b, u: {"image": b["image"], "label": b["label"], "unlabelled": u["view"]})
     preview = next(iter(dataset))
     with strategy.scope():
         segmenter = build_model(kind, num_classes, args)
@@ -293,8 +372,18 @@ def run_finetuning(config, log=None):
         if any(c % divisor for c in config.crop_size):
             raise ConfigError("crop_size", f"the {kind} segmenter needs multiples of {divisor}, "
                               f"got {tuple(config.crop_size)}")
-        task = SegmentationTask(segmenter, num_classes, config.class_weights,
-                                config.freeze_encoder_steps)
+        if config.mean_teacher:
+            from rr_tf.training.mean_teacher import MeanTeacherTask
+
+            task = MeanTeacherTask(segmenter, num_classes, config.class_weights,
+                                   config.freeze_encoder_steps,
+                                   consistency_weight=config.consistency_weight,
+                                   rampup_steps=config.consistency_rampup_steps,
+                                   teacher_momentum=config.teacher_momentum,
+                                   noise_std=config.consistency_noise, seed=config.seed)
+        else:
+            task = SegmentationTask(segmenter, num_classes, config.class_weights,
+                                    config.freeze_encoder_steps)
         task.compile(optimizer=optim.build_optimizer(
             config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
             config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
@@ -303,6 +392,8 @@ def run_finetuning(config, log=None):
             report = load_pretrained(segmenter, config.pretrained, config.parts, spec,
                                      config.allow_spec_mismatch, src_parts, src_spec)
             report.save(os.path.join(run.path, "transfer.json"))
+            if config.mean_teacher:  # the teacher starts from the pre-trained student
+                task.sync_teacher()
             log(f"pretrained: {report.summary()}; details in {run.path}/transfer.json")
     val_cases = validation_cases(config.data_dir, spec, config.val_cases)
     extra = []
@@ -316,7 +407,14 @@ def run_finetuning(config, log=None):
     hparams = dict(kind=kind, num_classes=num_classes, num_labeled=len(labelled),
                    pretrained=str(config.pretrained), learning_rate=config.learning_rate,
                    batch_size=config.batch_size, crop_size=str(config.crop_size),
-                   freeze_encoder_steps=config.freeze_encoder_steps, spec_hash=spec.hash)
+                   freeze_encoder_steps=config.freeze_encoder_steps, spec_hash=spec.hash,
+                   mode=mode)
+    if config.mean_teacher:
+        hparams.update(num_unlabelled=len(unlabelled), consistency_weight=config.consistency_weight,
+                       consistency_rampup_steps=config.consistency_rampup_steps,
+                       teacher_momentum=config.teacher_momentum,
+                       unlabelled_batch_size=config.unlabelled_batch_size or config.batch_size,
+                       consistency_noise=config.consistency_noise)
     result = loop.train(task, dataset, run,
                         loop.TrainConfig(train_steps=config.train_steps,
                                          checkpoint_every=config.checkpoint_every,
@@ -328,7 +426,7 @@ def run_finetuning(config, log=None):
     if best is not None:
         segmenter.load_weights(os.path.join(run.path, "best", "segmenter.weights.h5"))
     metrics = dict(result["metrics"], step=result["step"], spec_hash=spec.hash, kind=kind,
-                   best=best, labelled_cases=labelled)
+                   best=best, labelled_cases=labelled, mode=mode)
     run.write_metrics(metrics)
     if config.export:
         from rr_tf.export import export_segmenter
