@@ -5,7 +5,6 @@ hooks the training loop and export use."""
 import dataclasses
 
 import keras
-import tensorflow as tf
 
 from rr_tf.training import optim
 

@@ -30,7 +30,7 @@ Layer paths (for transfer by name, below the model's own name):
 import keras
 from keras import ops
 
-from rr_tf.models.segmenters import _Segmenter
+from rr_tf.models.segmenter_base import _Segmenter
 from rr_tf.models.layers import NORMS, _register, make_norm, with_channels
 from rr_tf.models.unet3d import _serialize_activation, unet3d_channels
 

@@ -11,7 +11,8 @@ import keras
 from keras import ops
 
 from rr_tf.models.layers import (PatchEmbedding3D, TransformerEncoder, _register, as_triple,
-                                 patchify, sincos_position_embedding_3d)
+                                 patchify, sincos_position_embedding_3d)  # noqa: F401 (patchify:
+# re-exported next to unpatchify)
 
 
 # ---------------------------------------------------------------------------
