@@ -210,6 +210,21 @@ def write_report(out, results, budgets, sources, timings):
     return "\n".join(md), png
 
 
+def write_results_section(path, md):
+    """Replace the table between ``<!-- experiment:begin/end -->`` in
+    ``path`` (the prose around it stays), or append it; written atomically."""
+    begin, end = "<!-- experiment:begin -->", "<!-- experiment:end -->"
+    section = f"{begin}\n{md}\n{end}"
+    text = open(path).read() if os.path.exists(path) else "# Results\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
@@ -252,8 +267,7 @@ def main(argv):
     if FLAGS.write_docs:
         with open(os.path.join(ROOT, "docs", "dice_vs_labels.png"), "wb") as f:
             f.write(png)
-        with open(os.path.join(ROOT, "docs", "results.md"), "a") as f:
-            f.write("\n" + md + "\n")
+        write_results_section(os.path.join(ROOT, "docs", "results.md"), md)
 
 
 if __name__ == "__main__":
