@@ -239,10 +239,13 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
 
     cls = get_method(method_name)
     cfg = dataclasses.replace(cls.Config(), **overrides)
+    if getattr(cfg, "mid_decay_steps", None) == 0:  # PCRLv2: 0 = "the run's train_steps"
+        cfg = dataclasses.replace(cfg, mid_decay_steps=1000)  # the optimizer schedule's length
     method = cls(cfg)
     method.compile(optimizer=build_optimizer("adamw", 1e-4, 1000), jit_compile=False)
     example = cls.example_batch(crop, batch)
-    synthetic = tf.nest.map_structure(lambda t: tf.random.uniform(t.shape, dtype=t.dtype), example)
+    synthetic = tf.nest.map_structure(  # random volumes; integer fields keep their example values
+        lambda t: tf.random.uniform(t.shape, dtype=t.dtype) if t.dtype.is_floating else t, example)
     method.build_for(synthetic)
     step = tf.function(method.train_step)
     concrete = step.get_concrete_function(synthetic)
