@@ -39,6 +39,9 @@ flags.DEFINE_integer("base_width", None, "From scratch: U-Net base width (defaul
 flags.DEFINE_integer("levels", None, "From scratch: U-Net levels (default 4).", lower_bound=2)
 flags.DEFINE_enum("norm", None, ["batch", "sync_batch", "group", "instance", "none"],
                   "From scratch: normalisation (default batch).")
+flags.DEFINE_integer("decoder_width", None, "Hybrid and UNETR segmenters: decoder channels per "
+                     "unit of stride (default: hybrid 2 x base width, UNETR 16); not for unet.",
+                     lower_bound=1)
 flags.DEFINE_string("num_labeled", "all", "Labelled training cases used: 'all', a count N or a "
                     "fraction in (0, 1); chosen reproducibly by --seed.")
 flags.DEFINE_integer("train_steps", 1000, "Optimizer steps in total.", lower_bound=1)
@@ -103,7 +106,8 @@ def main(argv):
         weights = None
         if FLAGS.class_weights:
             weights = tuple(float(w) for w in FLAGS.class_weights)
-        args = {k: FLAGS[k].value for k in ("base_width", "levels", "norm") if FLAGS[k].value is not None}
+        args = {k: FLAGS[k].value for k in ("base_width", "levels", "norm", "decoder_width")
+                if FLAGS[k].value is not None}
         config = FinetuneConfig(
             data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir, pretrained=FLAGS.pretrained,
             parts=tuple(FLAGS.parts) if FLAGS.parts else None,

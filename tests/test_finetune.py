@@ -261,3 +261,19 @@ def test_tensorboard_panels_overlay_labels_in_the_figure_colours():
     labelled = panel[:, 4:8, 12 + 4:12 + 8]
     expected = 0.45 * grey[:, 4:8, 4:8, None] + 0.55 * np.asarray(PALETTE[0]) / 255.0
     np.testing.assert_allclose(labelled, expected, rtol=1e-5)
+
+
+def test_training_dice_leaves_out_classes_absent_from_label_and_prediction():
+    from rr_tf.training.segmentation import foreground_dice
+
+    label = np.zeros((1, 4, 1, 1, 1), "int32")
+    label[0, :2] = 1                        # class 1 on voxels 0, 1; class 2 nowhere
+    pred = np.array([1, 0, 0, 0])           # class 1 predicted on voxel 0 only
+    logits = np.eye(3, dtype="float32")[pred].reshape(1, 4, 1, 1, 3)
+    # class 1: 2*1 / (1 + 2); class 2 is absent from both and does not count
+    np.testing.assert_allclose(float(foreground_dice(logits, label, 3)), 2 / 3, rtol=1e-6)
+    pred = np.array([1, 2, 0, 0])           # a false class-2 voxel now counts as a 0
+    logits = np.eye(3, dtype="float32")[pred].reshape(1, 4, 1, 1, 3)
+    np.testing.assert_allclose(float(foreground_dice(logits, label, 3)), (2 / 3 + 0) / 2, rtol=1e-6)
+    background = np.eye(3, dtype="float32")[np.zeros(4, int)].reshape(1, 4, 1, 1, 3)
+    assert float(foreground_dice(background, np.zeros_like(label), 3)) == 1.0

@@ -75,9 +75,9 @@ def test_decoder_layout():
     hyb = built(HybridSegmenter(2, **HYBRID))
     # bottleneck = transformer tokens on the 2^3 grid; skips at strides 8..1
     assert [u.name for u in hyb.ups] == ["up8", "up4", "up2", "up1"]
-    assert [u.filters for u in hyb.ups] == [16, 8, 4, 2]   # decoder_width (= base 2) * stride
-    assert tuple(hyb.ups[0].up.kernel.shape) == (2, 2, 2, 16, 12)  # from dim 12
-    assert tuple(hyb.ups[0].block.units[0].conv.kernel.shape)[-2:] == (16 + 32, 16)  # + enc4
+    assert [u.filters for u in hyb.ups] == [32, 16, 8, 4]   # decoder_width (= 2 base) * stride
+    assert tuple(hyb.ups[0].up.kernel.shape) == (2, 2, 2, 32, 12)  # from dim 12
+    assert tuple(hyb.ups[0].block.units[0].conv.kernel.shape)[-2:] == (32 + 32, 32)  # + enc4
     assert not hyb.hybrid.decoder.weights  # the recovery decoder is never built
     unetr = built(UNETRSegmenter(2, **VIT))
     assert default_skip_blocks(12, 3) == [3, 6, 9] and unetr.skip_blocks == [1, 2, 3]

@@ -140,8 +140,11 @@ class HybridSegmenter(_Segmenter):
     ``extra_channels``, ``dim``, ``depth``, ``heads``, ``mlp_ratio``,
     ``dropout``, ``attention_dropout`` as :class:`HybridEncoder` (use the
     pre-training values so keys and shapes match; the defaults are RepRec's
-    Config defaults); ``decoder_width``
-    (default ``base_width``). The decoder uses ``norm`` too.
+    Config defaults); ``decoder_width`` (default ``2 * base_width``: the
+    decoder at stride ``s`` is as wide as the CNN's skip there, as in the
+    Genesis U-Net decoder; half that starved the decoder: a base-4 hybrid
+    ended at 4 channels for 11 classes and fine-tuned far slower than the
+    U-Net). The decoder uses ``norm`` too.
     """
 
     def __init__(self, num_classes, base_width=32, levels=4, norm="batch", extra_channels=None,
@@ -165,7 +168,7 @@ class HybridSegmenter(_Segmenter):
             raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
         self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
         self.attention_dropout = float(attention_dropout)
-        self.decoder_width = _check_positive("decoder_width", decoder_width or self.base_width)
+        self.decoder_width = _check_positive("decoder_width", decoder_width or 2 * self.base_width)
         dt = self.dtype_policy
         self.hybrid = SegmentationHybridEncoder(
             base_width=self.base_width, levels=self.levels, norm=norm,

@@ -89,17 +89,23 @@ class SegmentationTask(keras.Model):
 
 
 def foreground_dice(logits, labels, num_classes):
-    """Hard Dice of the argmax prediction over all foreground classes of a
-    batch (a cheap training monitor; validation uses rr_tf.metrics)."""
+    """Hard Dice of the argmax prediction, averaged over the foreground
+    classes present in the batch's label or prediction (a cheap training
+    monitor; validation uses rr_tf.metrics). A class absent from both is left
+    out rather than scored 1.0, which made a model that segments nothing look
+    good on small patches; a batch with no foreground anywhere scores 1.0."""
     pred = ops.argmax(logits, axis=-1)
     labels = ops.cast(ops.reshape(labels, ops.shape(pred)), pred.dtype)
-    scores = []
+    scores, present = [], []
     for c in range(1, num_classes):
         p = ops.cast(ops.equal(pred, c), "float32")
         r = ops.cast(ops.equal(labels, c), "float32")
         denom = ops.sum(p) + ops.sum(r)
-        scores.append(ops.where(denom > 0, 2.0 * ops.sum(p * r) / ops.maximum(denom, 1.0), 1.0))
-    return ops.mean(ops.stack(scores))
+        scores.append(2.0 * ops.sum(p * r) / ops.maximum(denom, 1.0))
+        present.append(ops.cast(denom > 0, "float32"))
+    scores, present = ops.stack(scores), ops.stack(present)
+    count = ops.sum(present)
+    return ops.where(count > 0, ops.sum(scores * present) / ops.maximum(count, 1.0), 1.0)
 
 
 class _EncoderFreeze(keras.callbacks.Callback):
