@@ -327,6 +327,36 @@ def test_shuffled_group_apply_partitions_the_batch_at_random():
         M.shuffled_group_apply(_centre, x, 3, tf.constant([1, 2]))
 
 
+def test_momentum_keys_groups_seed_and_no_gradient():
+    """The one key pass of MoCo, RepRec, PCRL, multitask and PGL: 0 groups
+    -> one moving-statistics call, gradient stopped; G groups -> shuffled
+    groups drawn from (seed + offset, optimizer step), nested outputs kept."""
+    from rr_tf.methods.contrastive import KEY_SEED_OFFSET, momentum_keys
+
+    class Method:
+        seed, optimizer = 5, None
+
+    x = tf.constant(np.random.default_rng(1).normal(size=(8, 1)).astype("f"))
+    calls = []
+
+    def encode(v, batch_stats):
+        calls.append(batch_stats)
+        return {"centred": _centre(v), "pair": [v, 2.0 * v]}
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        plain = momentum_keys(Method, encode, x, 0)
+        total = tf.reduce_sum(plain["pair"][1])
+    assert calls == [False] and tape.gradient(total, x) is None
+    np.testing.assert_allclose(plain["pair"][1], 2.0 * x.numpy())
+    calls.clear()
+    grouped = momentum_keys(Method, encode, x, 2)
+    assert calls == [True, True]  # one call per group
+    expected = M.shuffled_group_apply(_centre, x, 2, tf.constant([5 + KEY_SEED_OFFSET, 0]))
+    np.testing.assert_allclose(grouped["centred"], expected, atol=1e-6)
+    np.testing.assert_allclose(grouped["pair"][0], x, atol=1e-6)  # back in the input order
+
+
 def test_helpers_without_strategy_are_identity():
     x = tf.ones((3, 2))
     assert M.gather_from_replicas(x) is x

@@ -84,6 +84,26 @@ def check_key_bn_groups(config, run):
                           "sample zeroes the head's output)")
 
 
+KEY_SEED_OFFSET = 7919  # keeps the key groups' draws apart from the method's other draws
+
+
+def momentum_keys(method, encode, x, groups):
+    """Keys of ``x`` from a momentum (EMA) encoder, never differentiated.
+
+    ``encode(x, batch_stats)`` runs the key encoder and returns a tensor or
+    a nested structure of ``[n, ...]`` tensors. With ``groups > 0``
+    (shuffling BN) it runs with ``batch_stats=True`` on ``groups`` random
+    groups of the global batch, drawn from ``(method.seed + KEY_SEED_OFFSET,
+    optimizer step)`` (:func:`rr_tf.models.momentum.shuffled_group_apply`);
+    with 0 it runs once with ``batch_stats=False`` (the EMA moving
+    statistics). MoCo, RepRec, PCRL, the multi-task method and PGL share it."""
+    if not groups:
+        return tf.nest.map_structure(ops.stop_gradient, encode(x, False))
+    seed = tf.stack([tf.constant(method.seed + KEY_SEED_OFFSET, tf.int32),
+                     optimizer_step(method)])
+    return shuffled_group_apply(lambda v: encode(v, True), x, groups, seed)
+
+
 class ContrastiveBranch:
     """Mixin: the MoCo v2 / SimCLR objective of a CNN + projection head.
 
@@ -122,11 +142,7 @@ class ContrastiveBranch:
         ``key_bn_groups = G > 0`` (shuffling BN) the key encoder's BatchNorm
         uses the statistics of G random groups of the global batch, drawn
         from (seed, step); with 0, its moving statistics."""
-        if not self.key_bn_groups:
-            return ops.stop_gradient(self.key_encoder(v2))
-        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
-        return shuffled_group_apply(lambda x: self.key_encoder(x, batch_stats=True), v2,
-                                    self.key_bn_groups, seed)
+        return momentum_keys(self, self.key_encoder, v2, self.key_bn_groups)
 
     def simclr_projections(self, v1, v2, training=False):
         """SimCLR: both views through the online CNN + head as *one* batch of

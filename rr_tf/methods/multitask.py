@@ -44,11 +44,10 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import NORMS
-from rr_tf.models.momentum import MomentumEncoder, Queue, batch_statistics, shuffled_group_apply
+from rr_tf.models.momentum import MomentumEncoder, Queue, batch_statistics
 from rr_tf.models.unet2d import SliceFeatures, UNet2D
 from rr_tf.models.unet3d import unet3d_channels
 
@@ -185,17 +184,14 @@ class SequentialMultiTask(PretrainMethod):
         groups = self.config.key_bn_groups
         net = self.unet_ema.target
 
-        def encode(slab):
-            if not groups:
+        def encode(slab, batch_stats):
+            if not batch_stats:
                 return self.proj_ema(global_average(net.encode(slab)[-1]))
             with batch_statistics(net):
                 features = global_average(net.encode(slab, training=True)[-1])
             return self.proj_ema(features, batch_stats=True)
 
-        if not groups:
-            return ops.stop_gradient(encode(key_slab))
-        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
-        return shuffled_group_apply(encode, key_slab, groups, seed)
+        return momentum_keys(self, encode, key_slab, groups)
 
     def position_term(self, embedding, position, training):
         """(MSE, mean absolute error) of the regressed normalised z-position."""

@@ -60,11 +60,11 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups
+from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
 from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import NORMS, _register
-from rr_tf.models.momentum import MomentumEncoder, Queue, shuffled_group_apply
+from rr_tf.models.momentum import MomentumEncoder, Queue
 from rr_tf.models.parts import UNetFeatures
 from rr_tf.models.unet3d import UNet3D
 
@@ -270,15 +270,11 @@ class PCRL(PretrainMethod):
         shuffling BN when ``key_bn_groups`` > 0."""
         groups = self.config.key_bn_groups
 
-        def encode(v):
-            pyramid = list(self.encoder_ema(v, batch_stats=groups > 0))
-            return pyramid, self.head_ema(pyramid[-1], batch_stats=groups > 0)
+        def encode(v, batch_stats):
+            pyramid = list(self.encoder_ema(v, batch_stats=batch_stats))
+            return pyramid, self.head_ema(pyramid[-1], batch_stats=batch_stats)
 
-        if not groups:
-            pyramid, key = encode(x)
-            return [ops.stop_gradient(f) for f in pyramid], ops.stop_gradient(key)
-        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
-        return shuffled_group_apply(encode, x, groups, seed)
+        return momentum_keys(self, encode, x, groups)
 
     def restoration_targets(self, batch, draws):
         """What the decoder must output in each restoration term."""

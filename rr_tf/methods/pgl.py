@@ -31,6 +31,7 @@ shifted by one step). Augmentation: flips and intensity only (a small
 affine or patch swap would break the exact voxel correspondence).
 """
 
+import contextlib
 import dataclasses
 
 import keras
@@ -42,11 +43,10 @@ from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods import alignment
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.contrastive import check_key_bn_groups
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.methods.contrastive import check_key_bn_groups, momentum_keys
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register, with_channels
-from rr_tf.models.momentum import MomentumEncoder, batch_statistics, shuffled_group_apply
+from rr_tf.models.momentum import MomentumEncoder, batch_statistics
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
 
@@ -262,18 +262,15 @@ class PGL(PretrainMethod):
         groups = self.config.key_bn_groups
         net = self.unet_ema.target
 
-        def project(v):
-            pyramid = net.encode(v, training=groups > 0)
-            stages = decoder_stages(net, pyramid, self.num_local_stages, training=groups > 0)
-            return (self.projector_ema(pyramid[-1], batch_stats=groups > 0),
-                    self.local_projector_ema(stages, batch_stats=groups > 0))
+        def project(v, batch_stats):
+            with batch_statistics(net) if batch_stats else contextlib.nullcontext():
+                pyramid = net.encode(v, training=batch_stats)
+                stages = decoder_stages(net, pyramid, self.num_local_stages,
+                                        training=batch_stats)
+            return (self.projector_ema(pyramid[-1], batch_stats=batch_stats),
+                    self.local_projector_ema(stages, batch_stats=batch_stats))
 
-        if not groups:
-            z, k = project(x)
-            return ops.stop_gradient(z), [ops.stop_gradient(t) for t in k]
-        seed = tf.stack([tf.constant(self.seed + 7919, tf.int32), optimizer_step(self)])
-        with batch_statistics(net):
-            z, k = shuffled_group_apply(project, x, groups, seed)
+        z, k = momentum_keys(self, project, x, groups)
         return z, list(k)
 
     def update_targets(self):
