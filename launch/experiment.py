@@ -187,7 +187,9 @@ def write_report(out, results, budgets, sources, timings):
         lines.append(f"| {src} | " + " | ".join(cells) + " |")
     series = {src: [table.get((src, b), (math.nan,))[0] for b in budgets] for src in sources}
     img, colours = line_plot(series, budgets, y_range=(0.0, max(0.1, min(1.0, max(
-        (v for vs in series.values() for v in vs if not math.isnan(v)), default=1.0) * 1.2))))
+        (v for vs in series.values() for v in vs if not math.isnan(v)), default=1.0) * 1.2))),
+        x_label="labelled cases", y_label="mean Dice (test)",
+        title="Dice vs labelled cases")
     png = encode_png(img)
     legend = ", ".join(f"{name}: rgb{c}" for name, c in colours.items())
     with open(os.path.join(out, "dice_vs_labels.png"), "wb") as f:
