@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
+from rr_tf.training.settings import FINETUNE_DEFAULTS  # noqa: E402  (no TensorFlow)
 
 flagutil.quiet_tensorflow()
 
@@ -42,18 +43,15 @@ flags.DEFINE_enum("norm", None, ["batch", "sync_batch", "group", "instance", "no
 flags.DEFINE_integer("decoder_width", None, "Hybrid and UNETR segmenters: decoder channels per "
                      "unit of stride (default: hybrid 2 x base width, UNETR 16); not for unet.",
                      lower_bound=1)
+flagutil.define_run_flags(FINETUNE_DEFAULTS, helps=dict(
+    crop_size="Patch (and sliding window) size D,H,W.",
+    crops_per_volume="Patches cut from each decoded volume.",
+    export="Export the best segmenter at the end.",
+    seed="Seed of weights, the labelled subset and the data stream."))
 flags.DEFINE_string("num_labeled", "all", "Labelled training cases used: 'all', a count N or a "
                     "fraction in (0, 1); chosen reproducibly by --seed.")
-flags.DEFINE_integer("train_steps", 1000, "Optimizer steps in total.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 2, "Global batch size.", lower_bound=1)
-flags.DEFINE_string("crop_size", "64,64,32", "Patch (and sliding window) size D,H,W.")
-flags.DEFINE_integer("crops_per_volume", 2, "Patches cut from each decoded volume.", lower_bound=1)
 flags.DEFINE_float("fg_fraction", 1.0 / 3.0, "Fraction of patches centred on a labelled voxel.",
                    lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd", "lamb"], "Optimizer.")
-flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.", lower_bound=0.0)
-flags.DEFINE_float("weight_decay", 1e-5, "Weight decay.", lower_bound=0.0)
-flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.", lower_bound=0)
 flags.DEFINE_integer("freeze_encoder_steps", 0, "Keep the pre-trained encoder frozen for the "
                      "first N steps.", lower_bound=0)
 flags.DEFINE_list("class_weights", None, "Cross-entropy weight per class (background first).")
@@ -64,19 +62,6 @@ flags.DEFINE_float("val_overlap", 0.5, "Sliding-window overlap for validation an
 flags.DEFINE_integer("val_window_batch", 2, "Windows per forward pass in validation.", lower_bound=1)
 flags.DEFINE_integer("val_cases", 0, "Validation volumes used (the first N labelled val cases of "
                      "the manifest; 0 = all).", lower_bound=0)
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
-                  "tf.distribute strategy.")
-flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
-flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA (auto: one GPU or TPU).")
-flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Compute dtype.")
-flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.", lower_bound=1)
-flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.", lower_bound=1)
-flags.DEFINE_integer("log_every", 10, "Steps between TensorBoard scalar writes.", lower_bound=1)
-flags.DEFINE_integer("image_every", 100, "Steps between TensorBoard image panels.", lower_bound=1)
-flags.DEFINE_enum("verbose", "bar", ["bar", "line", "none"], "Console progress.")
-flags.DEFINE_boolean("export", True, "Export the best segmenter at the end.")
-flags.DEFINE_integer("seed", 0, "Seed of weights, the labelled subset and the data stream.")
-flags.DEFINE_boolean("overwrite", False, "Start the run directory afresh.")
 flags.DEFINE_float("consistency_weight", 0.0, "Semi-supervised mean teacher: weight of the "
                    "consistency loss (MSE between the student's and the EMA teacher's softmax on "
                    "patches of the training cases outside --num_labeled); 0 = off.",
@@ -92,7 +77,6 @@ flags.DEFINE_float("consistency_noise", 0.1, "Mean teacher: std of the Gaussian 
                    "2 std, network units) added independently to the student's and the teacher's "
                    "input.", lower_bound=0.0)
 flags.mark_flags_as_required(["data_dir", "run_dir"])
-flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
 
 
 def main(argv):
@@ -112,24 +96,15 @@ def main(argv):
             data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir, pretrained=FLAGS.pretrained,
             parts=tuple(FLAGS.parts) if FLAGS.parts else None,
             allow_spec_mismatch=FLAGS.allow_spec_mismatch, segmenter=FLAGS.segmenter,
-            segmenter_args=args, num_labeled=FLAGS.num_labeled, train_steps=FLAGS.train_steps,
-            batch_size=FLAGS.batch_size, crop_size=flagutil.parse_numbers(FLAGS.crop_size, 3, int),
-            crops_per_volume=FLAGS.crops_per_volume, fg_fraction=FLAGS.fg_fraction,
-            optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
-            weight_decay=FLAGS.weight_decay, warmup_steps=FLAGS.warmup_steps,
+            segmenter_args=args, num_labeled=FLAGS.num_labeled, fg_fraction=FLAGS.fg_fraction,
             freeze_encoder_steps=FLAGS.freeze_encoder_steps, class_weights=weights,
             val_every=FLAGS.val_every, val_overlap=FLAGS.val_overlap,
-            val_window_batch=FLAGS.val_window_batch, val_cases=FLAGS.val_cases, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
-            jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,
-            checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-            log_every=FLAGS.log_every, image_every=FLAGS.image_every,
-            verbose={"bar": 1, "line": 2, "none": 0}[FLAGS.verbose], export=FLAGS.export,
-            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=flagutil.resolved_flags(__file__),
+            val_window_batch=FLAGS.val_window_batch, val_cases=FLAGS.val_cases,
             consistency_weight=FLAGS.consistency_weight,
             consistency_rampup_steps=FLAGS.consistency_rampup_steps,
             teacher_momentum=FLAGS.teacher_momentum,
             unlabelled_batch_size=FLAGS.unlabelled_batch_size,
-            consistency_noise=FLAGS.consistency_noise)
+            consistency_noise=FLAGS.consistency_noise, **flagutil.run_settings(__file__))
         run_finetuning(config)
     except TrainingDiverged as err:
         flagutil.fail(__file__, str(err), code=1)

@@ -157,6 +157,83 @@ def flagfile_config(path, config_cls):
     return values, crop[0]
 
 
+RUN_FLAGS = []  # names defined by define_run_flags (recorded in flags.txt with the script's own)
+
+
+def define_run_flags(defaults=None, helps=None):
+    """The flags of :class:`rr_tf.training.settings.RunSettings` (schedule,
+    distribution, precision, checkpoints, logging, export, seed), with its
+    defaults changed by ``defaults`` (e.g. ``FINETUNE_DEFAULTS``) and the
+    help texts in ``helps`` replacing the generic ones. Read them back with
+    :func:`run_settings`. Imports no TensorFlow."""
+    from rr_tf.training.settings import VERBOSITY, run_defaults
+
+    default = run_defaults(defaults)
+    verbose = {v: k for k, v in VERBOSITY.items()}[default["verbose"]]
+    text = dict(
+        train_steps="Optimizer steps in total.",
+        batch_size="Global batch size (split across replicas).",
+        crop_size="Crop (patch) size D,H,W in voxels.",
+        crops_per_volume="Crops cut from each decoded volume.",
+        optimizer="Optimizer.",
+        learning_rate="Peak learning rate.",
+        weight_decay="Weight decay.",
+        warmup_steps="Linear warm-up steps before the cosine decay.",
+        strategy="tf.distribute strategy (multi_worker reads TF_CONFIG; tpu needs --tpu).",
+        tpu="TPU name or address for --strategy=tpu.",
+        jit_compile="XLA: auto = on for one GPU or TPU, off on CPU and under MirroredStrategy.",
+        mixed_precision="Compute dtype; variables, losses and queues stay float32 (float16 uses "
+                        "loss scaling; not on CPU).",
+        checkpoint_every="Steps between checkpoints.",
+        keep_checkpoints="Checkpoints kept.",
+        log_every="Steps between TensorBoard scalar writes.",
+        image_every="Steps between TensorBoard image panels.",
+        verbose="Console progress.",
+        export="Export at the end.",
+        seed="Seed of weights and the data stream.",
+        overwrite="Start the run directory afresh.")
+    text.update(helps or {})
+    for name in ("train_steps", "batch_size", "crops_per_volume", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "image_every"):
+        flags.DEFINE_integer(name, default[name], text[name], lower_bound=1)
+    flags.DEFINE_integer("warmup_steps", default["warmup_steps"], text["warmup_steps"],
+                         lower_bound=0)
+    flags.DEFINE_string("crop_size", ",".join(str(c) for c in default["crop_size"]),
+                        text["crop_size"])
+    flags.DEFINE_enum("optimizer", default["optimizer"], ["adamw", "sgd", "lamb"],
+                      text["optimizer"])
+    flags.DEFINE_float("learning_rate", default["learning_rate"], text["learning_rate"],
+                       lower_bound=0.0)
+    flags.DEFINE_float("weight_decay", default["weight_decay"], text["weight_decay"],
+                       lower_bound=0.0)
+    flags.DEFINE_enum("strategy", default["strategy"], ["default", "mirrored", "multi_worker",
+                                                        "tpu"], text["strategy"])
+    flags.DEFINE_string("tpu", default["tpu"], text["tpu"])
+    flags.DEFINE_enum("jit_compile", default["jit_compile"], ["auto", "true", "false"],
+                      text["jit_compile"])
+    flags.DEFINE_enum("mixed_precision", default["mixed_precision"],
+                      ["none", "bfloat16", "float16"], text["mixed_precision"])
+    flags.DEFINE_enum("verbose", verbose, list(VERBOSITY), text["verbose"])
+    flags.DEFINE_boolean("export", default["export"], text["export"])
+    flags.DEFINE_integer("seed", default["seed"], text["seed"])
+    flags.DEFINE_boolean("overwrite", default["overwrite"], text["overwrite"])
+    register_numbers_validator("crop_size", 3, cast=int, positive=True)
+    RUN_FLAGS[:] = [name for name in default if name in text]
+
+
+def run_settings(script, extra=()):
+    """The RunSettings keyword arguments from the flags of
+    :func:`define_run_flags`, ``flags_text`` (see :func:`resolved_flags`)
+    included."""
+    from rr_tf.training.settings import VERBOSITY
+
+    values = {name: flags.FLAGS[name].value for name in RUN_FLAGS}
+    values["crop_size"] = parse_numbers(values["crop_size"], 3, int, "crop_size")
+    values["verbose"] = VERBOSITY[values["verbose"]]
+    values["flags_text"] = resolved_flags(script, extra)
+    return values
+
+
 def resolved_flags(script, extra=()):
     """The flags ``script`` (its ``__file__``) defines, plus the flags named
     in ``extra`` (e.g. the method flags of :func:`define_config_flags`, which
@@ -167,6 +244,7 @@ def resolved_flags(script, extra=()):
     name = os.path.basename(script)
     own = [f for module, fl in flags.FLAGS.flags_by_module_dict().items()
            if os.path.basename(module) == name for f in fl]
-    own += [flags.FLAGS[n] for n in extra if all(f.name != n for f in own)]
+    own += [flags.FLAGS[n] for n in list(RUN_FLAGS) + list(extra)
+            if all(f.name != n for f in own)]
     return "".join(f.serialize() + "\n" for f in own
                    if f.name != "overwrite" and f.value is not None and f.serialize())

@@ -32,45 +32,22 @@ flags.DEFINE_integer("prepare_phantom_if_missing", 0, "If --data_dir holds no ma
                      "generate this many phantom cases there (0 = fail instead).", lower_bound=0)
 flags.DEFINE_string("phantom_spacing", "3,3,3", "Spacing (mm) of phantoms made by "
                     "--prepare_phantom_if_missing.")
-flags.DEFINE_boolean("overwrite", False, "Start the run directory afresh.")
-flags.DEFINE_integer("seed", 0, "Seed of weights, masking and the data stream.")
-# --- schedule
-flags.DEFINE_integer("train_steps", 1000, "Optimizer steps in total.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 4, "Global batch size (split across replicas).", lower_bound=1)
-flags.DEFINE_string("crop_size", "64,64,32", "Crop size D,H,W in voxels (each a multiple of 16 "
-                    "for RepRec's stride-16 tokens).")
+# --- schedule, hardware, monitoring, checkpoints: shared with launch/finetune.py
+flagutil.define_run_flags(helps=dict(
+    crop_size="Crop size D,H,W in voxels (each a multiple of 16 for RepRec's stride-16 tokens).",
+    export="Export the encoders at the end (launch/export.py).",
+    seed="Seed of weights, masking and the data stream."))
 flags.DEFINE_enum("pairing", "views", ["views", "patient"], "Two-view contrastive methods: both "
                   "views from one scan (views), or from two scans of one patient when the manifest "
                   "links several (patient = MICLe; a lone scan falls back to two views of itself).")
-flags.DEFINE_integer("crops_per_volume", 4, "Crops cut from each decoded volume.", lower_bound=1)
-flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd", "lamb"], "Optimizer.")
-flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.", lower_bound=0.0)
-flags.DEFINE_float("weight_decay", 0.05, "Weight decay.", lower_bound=0.0)
-flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps before the cosine decay.", lower_bound=0)
 flags.DEFINE_string("init_from", None, "Start from the weights of this run directory or "
                     "checkpoint (HPT); heads are reset.")
-# --- hardware
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
-                  "tf.distribute strategy.")
-flags.DEFINE_string("tpu", "", "TPU name or address for --strategy=tpu.")
-flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA: auto = on for one GPU "
-                  "or a TPU, off on CPU (slower Conv3D) and under Mirrored (unsupported).")
-flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Compute dtype; "
-                  "losses, queue and EMA stay float32.")
-# --- monitoring and checkpoints
-flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.", lower_bound=1)
-flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
-flags.DEFINE_integer("log_every", 10, "Steps between TensorBoard scalar writes.", lower_bound=1)
-flags.DEFINE_integer("image_every", 100, "Steps between TensorBoard image panels.", lower_bound=1)
-flags.DEFINE_enum("verbose", "bar", ["bar", "line", "none"], "Console progress.")
-flags.DEFINE_boolean("export", True, "Export the encoders at the end (launch/export.py).")
 
 # --- method hyper-parameters: one flag per field of the methods' Config
 # dataclasses (same name), default = the chosen method's published value
 METHOD_FLAGS = flagutil.define_config_flags({m: get_method(m).Config for m in method_names()})
 
 flags.mark_flags_as_required(["method", "data_dir", "run_dir"])
-flagutil.register_numbers_validator("crop_size", 3, cast=int, positive=True)
 flagutil.register_numbers_validator("phantom_spacing", 3, positive=True)
 
 
@@ -112,16 +89,8 @@ def main(argv):
         cls = get_method(FLAGS.method)
         config = PretrainConfig(
             method=FLAGS.method, data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir,
-            method_config=method_config(cls), train_steps=FLAGS.train_steps,
-            batch_size=FLAGS.batch_size, crop_size=flagutil.parse_numbers(FLAGS.crop_size, 3, int),
-            crops_per_volume=FLAGS.crops_per_volume, pairing=FLAGS.pairing, optimizer=FLAGS.optimizer,
-            learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
-            warmup_steps=FLAGS.warmup_steps, init_from=FLAGS.init_from, strategy=FLAGS.strategy,
-            tpu=FLAGS.tpu, jit_compile=FLAGS.jit_compile, mixed_precision=FLAGS.mixed_precision,
-            checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-            log_every=FLAGS.log_every, image_every=FLAGS.image_every,
-            verbose={"bar": 1, "line": 2, "none": 0}[FLAGS.verbose], export=FLAGS.export,
-            seed=FLAGS.seed, overwrite=FLAGS.overwrite, flags_text=flagutil.resolved_flags(__file__, sorted(METHOD_FLAGS)))
+            method_config=method_config(cls), pairing=FLAGS.pairing, init_from=FLAGS.init_from,
+            **flagutil.run_settings(__file__, sorted(METHOD_FLAGS)))
         ensure_data()
         run_pretraining(config)
     except TrainingDiverged as err:

@@ -31,6 +31,7 @@ from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
 from rr_tf.training import loop, optim, strategy as st
 from rr_tf.training.run_dir import RunDir
+from rr_tf.training.settings import FINETUNE_DEFAULTS, RunSettings
 from rr_tf.training.segmentation import SegmentationTask, Validation, _read_best
 
 _DATA_RESEED = 1_000_003
@@ -38,8 +39,16 @@ _UNLABELLED_RESEED = 7_919  # the unlabelled stream's seed offset (apart from th
 SEGMENTER_CHOICES = ("auto", "unet", "hybrid", "unetr", "slice2d")
 
 
+def _default(value):
+    """A RunSettings default changed for fine-tuning (keyword-only, as there)."""
+    return dataclasses.field(default=value, kw_only=True)
+
+
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunSettings):
+    """A fine-tuning run: data, starting point, segmenter, labelled budget,
+    validation, the optional mean teacher, and the shared
+    :class:`~rr_tf.training.settings.RunSettings` (with fine-tuning's defaults)."""
     data_dir: str
     run_dir: str
     pretrained: str | None = None        # run dir, export dir or .keras file; None = from scratch
@@ -48,34 +57,17 @@ class FinetuneConfig:
     segmenter: str = "auto"              # auto = what the pre-training transfers into (else unet)
     segmenter_args: dict = dataclasses.field(default_factory=dict)  # from scratch / overrides
     num_labeled: str = "all"             # N cases, a fraction in (0, 1), or "all"
-    train_steps: int = 1000
-    batch_size: int = 2
-    crop_size: tuple = (64, 64, 32)
-    crops_per_volume: int = 2
+    batch_size: int = _default(FINETUNE_DEFAULTS["batch_size"])
+    crops_per_volume: int = _default(FINETUNE_DEFAULTS["crops_per_volume"])
+    weight_decay: float = _default(FINETUNE_DEFAULTS["weight_decay"])
+    keep_checkpoints: int = _default(FINETUNE_DEFAULTS["keep_checkpoints"])
     fg_fraction: float = 1.0 / 3.0
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 0
     freeze_encoder_steps: int = 0
     class_weights: tuple | None = None
     val_every: int = 100
     val_overlap: float = 0.5
     val_window_batch: int = 2
     val_cases: int = 0               # validation volumes used (0 = every labelled val case)
-    strategy: str = "default"
-    tpu: str = ""
-    jit_compile: str = "auto"
-    mixed_precision: str = "none"
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    image_every: int = 100
-    verbose: int = 1
-    export: bool = True
-    seed: int = 0
-    overwrite: bool = False
-    flags_text: str = ""
     # semi-supervised mean teacher (rr_tf.training.mean_teacher); 0 = off
     consistency_weight: float = 0.0
     consistency_rampup_steps: int = 0    # sigmoid ramp-up of the weight (0 = none)
@@ -94,8 +86,7 @@ class FinetuneConfig:
             raise ConfigError("segmenter", f"must be one of {SEGMENTER_CHOICES}, got {self.segmenter!r}")
         if self.pretrained and not os.path.exists(self.pretrained):
             raise ConfigError("pretrained", f"{self.pretrained} does not exist")
-        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
-            raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
+        self.validate_run()
         if self.freeze_encoder_steps >= self.train_steps and self.freeze_encoder_steps:
             raise ConfigError("freeze_encoder_steps", "must be smaller than train_steps")
         if not 0.0 <= self.fg_fraction <= 1.0:

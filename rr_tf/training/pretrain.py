@@ -13,43 +13,24 @@ from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
 from rr_tf.training import loop, optim, strategy as st
 from rr_tf.training.run_dir import RunDir
+from rr_tf.training.settings import RunSettings
 
 _DATA_RESEED = 1_000_003  # data seed = seed + _DATA_RESEED * resumed step
 
 
 @dataclasses.dataclass
-class PretrainConfig:
+class PretrainConfig(RunSettings):
+    """A pre-training run: the method, its Config and the shared
+    :class:`~rr_tf.training.settings.RunSettings`."""
     method: str
     data_dir: str
     run_dir: str
     method_config: object = None
-    train_steps: int = 1000
-    batch_size: int = 4
-    crop_size: tuple = (64, 64, 32)
-    crops_per_volume: int = 4
     pairing: str = "views"       # "views" | "patient" (MICLe: views from two scans of a patient)
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
     init_from: str | None = None
-    strategy: str = "default"
-    tpu: str = ""
-    jit_compile: str = "auto"
-    mixed_precision: str = "none"
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    image_every: int = 100
-    verbose: int = 1
-    export: bool = True
-    seed: int = 0
-    overwrite: bool = False
-    flags_text: str = ""
 
     def validate(self):
-        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
-            raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
+        self.validate_run()
         if self.pairing not in ("views", "patient"):
             raise ConfigError("pairing", f"must be 'views' or 'patient', got {self.pairing!r}")
         if self.init_from and not os.path.exists(self.init_from):

@@ -1,0 +1,47 @@
+"""What every training run (pre-training and fine-tuning) is configured by:
+schedule, distribution, precision, checkpoints, logging, export. The run
+kinds' configs (``PretrainConfig``, ``FinetuneConfig``) extend it."""
+
+import dataclasses
+
+from rr_tf.errors import ConfigError
+
+VERBOSITY = {"bar": 1, "line": 2, "none": 0}  # console progress -> Keras verbose
+
+# where fine-tuning's defaults differ from pre-training's (FinetuneConfig and
+# launch/finetune.py's flags both read them)
+FINETUNE_DEFAULTS = dict(batch_size=2, crops_per_volume=2, weight_decay=1e-5, keep_checkpoints=2)
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunSettings:
+    train_steps: int = 1000
+    batch_size: int = 4                  # global (split across replicas)
+    crop_size: tuple = (64, 64, 32)
+    crops_per_volume: int = 4            # crops cut from each decoded volume
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3          # peak, cosine decay after warm-up
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    strategy: str = "default"            # default | mirrored | multi_worker | tpu
+    tpu: str = ""
+    jit_compile: str = "auto"
+    mixed_precision: str = "none"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    image_every: int = 100
+    verbose: int = 1
+    export: bool = True
+    seed: int = 0
+    overwrite: bool = False
+    flags_text: str = ""                 # the resolved flags, written to the run's flags.txt
+
+    def validate_run(self):
+        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
+            raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
+
+
+def run_defaults(overrides=None):
+    """{field: default} of :class:`RunSettings`, with ``overrides``."""
+    return dict({f.name: f.default for f in dataclasses.fields(RunSettings)}, **(overrides or {}))
