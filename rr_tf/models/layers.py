@@ -71,18 +71,31 @@ def with_channels(shape, channels):
     return tuple(shape[:-1]) + (channels,)
 
 
+CONV = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}
+CONV_TRANSPOSE = {2: keras.layers.Conv2DTranspose, 3: keras.layers.Conv3DTranspose}
+MAX_POOL = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}
+
+
+def check_rank(rank):
+    if int(rank) not in CONV:
+        raise ValueError(f"rank must be 2 or 3, got {rank}")
+    return int(rank)
+
+
 @_register
 class ConvUnit(keras.layers.Layer):
-    """Conv3D (k^3, 'same', with bias) -> norm -> ReLU: the Genesis U-Net unit."""
+    """Conv (k^rank, 'same', with bias) -> norm -> ReLU: the Genesis U-Net
+    unit, 3D (``rank=3``) or 2D (``rank=2``, the slice U-Net)."""
 
-    def __init__(self, filters, norm="batch", kernel_size=3, **kwargs):
+    def __init__(self, filters, norm="batch", kernel_size=3, rank=3, **kwargs):
         super().__init__(**kwargs)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.filters = int(filters)
         self.norm_kind = norm
         self.kernel_size = kernel_size
-        self.conv = keras.layers.Conv3D(
+        self.rank = check_rank(rank)
+        self.conv = CONV[self.rank](
             self.filters, kernel_size, padding="same", name="conv", dtype=self.dtype_policy)
         self.norm = make_norm(norm, self.filters, name="norm", dtype=self.dtype_policy)
 
@@ -99,7 +112,8 @@ class ConvUnit(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=self.filters, norm=self.norm_kind, kernel_size=self.kernel_size)
+        config.update(filters=self.filters, norm=self.norm_kind, kernel_size=self.kernel_size,
+                      rank=self.rank)
         return config
 
 
@@ -107,11 +121,13 @@ class ConvUnit(keras.layers.Layer):
 class ConvBlock(keras.layers.Layer):
     """A stack of :class:`ConvUnit` s (``unit1``, ``unit2``, ...)."""
 
-    def __init__(self, filters, norm="batch", **kwargs):
+    def __init__(self, filters, norm="batch", rank=3, **kwargs):
         super().__init__(**kwargs)
         self.filters = [int(f) for f in filters]
         self.norm_kind = norm
-        self.units = [ConvUnit(f, norm=norm, name=f"unit{i + 1}", dtype=self.dtype_policy)
+        self.rank = check_rank(rank)
+        self.units = [ConvUnit(f, norm=norm, rank=self.rank, name=f"unit{i + 1}",
+                               dtype=self.dtype_policy)
                       for i, f in enumerate(self.filters)]
 
     def build(self, input_shape):
@@ -131,7 +147,7 @@ class ConvBlock(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=list(self.filters), norm=self.norm_kind)
+        config.update(filters=list(self.filters), norm=self.norm_kind, rank=self.rank)
         return config
 
 

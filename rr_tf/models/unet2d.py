@@ -4,7 +4,8 @@ the wrappers that apply it slice by slice to a volume.
 Used by the sequential multi-task method (``rr_tf.methods.multitask``) and
 by the 2D fine-tuning segmenter. The layout mirrors :class:`UNet3D` in 2D:
 
-Unit = Conv2D 3x3 -> norm -> ReLU. Encoder level ``k`` (1-based) is two units
+Unit = Conv2D 3x3 -> norm -> ReLU (:class:`rr_tf.models.layers.ConvUnit`
+with ``rank=2``). Encoder level ``k`` (1-based) is two units
 with ``(b * 2**(k-1), b * 2**k)`` channels (``b`` = ``base_width``), preceded
 by a 2x2 max-pool for ``k >= 2``; at ``b = 32`` and 4 levels:
 C->32->64, 64->64->128, 128->128->256, 256->256->512 (bottleneck at stride 8).
@@ -31,77 +32,14 @@ import keras
 from keras import ops
 
 from rr_tf.models.segmenter_base import _Segmenter
-from rr_tf.models.layers import NORMS, _register, make_norm, with_channels
-from rr_tf.models.unet3d import _serialize_activation, unet3d_channels
+from rr_tf.models.layers import _register
+from rr_tf.models.unet3d import UNetBase, unet3d_param_count
 
 
 @_register
-class ConvUnit2D(keras.layers.Layer):
-    """Conv2D (k x k, 'same', with bias) -> norm -> ReLU."""
-
-    def __init__(self, filters, norm="batch", kernel_size=3, **kwargs):
-        super().__init__(**kwargs)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.filters = int(filters)
-        self.norm_kind = norm
-        self.kernel_size = kernel_size
-        self.conv = keras.layers.Conv2D(self.filters, kernel_size, padding="same", name="conv",
-                                        dtype=self.dtype_policy)
-        self.norm = make_norm(norm, self.filters, name="norm", dtype=self.dtype_policy)
-
-    def build(self, input_shape):
-        self.conv.build(input_shape)
-        self.norm.build(with_channels(input_shape, self.filters))
-        self.built = True
-
-    def call(self, x, training=False):
-        return ops.relu(self.norm(self.conv(x), training=training))
-
-    def compute_output_shape(self, input_shape):
-        return with_channels(input_shape, self.filters)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(filters=self.filters, norm=self.norm_kind, kernel_size=self.kernel_size)
-        return config
-
-
-@_register
-class ConvBlock2D(keras.layers.Layer):
-    """A stack of :class:`ConvUnit2D` s (``unit1``, ``unit2``, ...)."""
-
-    def __init__(self, filters, norm="batch", **kwargs):
-        super().__init__(**kwargs)
-        self.filters = [int(f) for f in filters]
-        self.norm_kind = norm
-        self.units = [ConvUnit2D(f, norm=norm, name=f"unit{i + 1}", dtype=self.dtype_policy)
-                      for i, f in enumerate(self.filters)]
-
-    def build(self, input_shape):
-        shape = tuple(input_shape)
-        for unit in self.units:
-            unit.build(shape)
-            shape = with_channels(shape, unit.filters)
-        self.built = True
-
-    def call(self, x, training=False):
-        for unit in self.units:
-            x = unit(x, training=training)
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return with_channels(input_shape, self.filters[-1])
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(filters=list(self.filters), norm=self.norm_kind)
-        return config
-
-
-@_register
-class UNet2D(keras.Model):
-    """Configurable 2D U-Net (the Genesis U-Net's plan in 2D).
+class UNet2D(UNetBase):
+    """Configurable 2D U-Net (the Genesis U-Net's plan in 2D; the layers
+    are :class:`UNetBase`'s with ``rank = 2``).
 
     Args:
         base_width: channels of the first unit.
@@ -112,154 +50,33 @@ class UNet2D(keras.Model):
         out_channels: channels of the 1x1 head.
         final_activation: activation of the head (None = linear).
 
-    Input ``[B, H, W, C]`` with ``C`` = slices of a slab. Methods:
-    ``encode(x)`` -> pyramid (list, strides 1, 2, 4, ...);
-    ``decode(pyramid)`` -> (decoder stage outputs coarse to fine, head output);
-    ``call(x)`` -> head output.
+    Input ``[B, H, W, C]`` with ``C`` = slices of a slab (``in_channels``
+    after build). Methods: ``encode(x)`` -> pyramid (list, strides 1, 2, 4,
+    ...); ``decode(pyramid)`` -> (decoder stage outputs coarse to fine, head
+    output); ``call(x)`` -> head output.
     """
+
+    rank = 2
+    input_layout = "(batch, H, W, C)"
 
     def __init__(self, base_width=32, levels=4, norm="batch", skips=True, out_channels=1,
                  final_activation=None, **kwargs):
         kwargs.setdefault("name", "unet2d")
-        super().__init__(**kwargs)
-        if int(levels) < 2:
-            raise ValueError(f"levels must be >= 2, got {levels}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.base_width = int(base_width)
-        self.levels = int(levels)
-        self.norm_kind = norm
-        self.skips = bool(skips)
-        self.out_channels = int(out_channels)
-        self.final_activation = final_activation
-        dt = self.dtype_policy
-
-        self.stage_filters = unet3d_channels(base_width, levels)
-        self.encoder_channels = [f[1] for f in self.stage_filters]
-        n = len(self.stage_filters)
-        self.enc_blocks = [ConvBlock2D(f, norm=norm, name=f"enc{k + 1}", dtype=dt)
-                           for k, f in enumerate(self.stage_filters)]
-        self.pools = [keras.layers.MaxPooling2D(2, name=f"pool{k + 1}", dtype=dt)
-                      for k in range(1, n)]
-        self.up_convs, self.dec_blocks = [], []
-        for k in range(n - 1, 0, -1):  # 1-based level index of the skip
-            c_in, c_out = self.encoder_channels[k], self.encoder_channels[k - 1]
-            self.up_convs.append(keras.layers.Conv2DTranspose(c_in, 2, strides=2, name=f"up{k}",
-                                                              dtype=dt))
-            self.dec_blocks.append(ConvBlock2D((c_out, c_out), norm=norm, name=f"dec{k}",
-                                               dtype=dt))
-        self.head = keras.layers.Conv2D(self.out_channels, 1, activation=final_activation,
-                                        name="head", dtype=dt)
-        self.decoder_channels = [b.filters[-1] for b in self.dec_blocks]
-        self.in_channels = None
-
-    # -- parts ----------------------------------------------------------------
-    @property
-    def encoder_layers(self):
-        return list(self.enc_blocks)
-
-    @property
-    def decoder_layers(self):
-        """Decoder layers coarse to fine: ``up{k}, dec{k}, ...`` (head excluded)."""
-        out = []
-        for up, dec in zip(self.up_convs, self.dec_blocks):
-            out += [up, dec]
-        return out
-
-    @property
-    def num_stages(self):
-        return len(self.enc_blocks)
-
-    @property
-    def strides(self):
-        """In-plane stride of each pyramid map."""
-        return [2 ** k for k in range(self.num_stages)]
-
-    # -- build ----------------------------------------------------------------
-    def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(f"UNet2D expects (batch, H, W, C), got {input_shape}")
-        factor = 2 ** (self.num_stages - 1)
-        for s in input_shape[1:3]:
-            if s is not None and s % factor:
-                raise ValueError(f"spatial size {input_shape[1:3]} must be divisible by "
-                                 f"{factor} ({self.num_stages} levels)")
-        self.in_channels = None if input_shape[3] is None else int(input_shape[3])
-        shapes, shape = [], input_shape
-        for k, block in enumerate(self.enc_blocks):
-            if k:
-                shape = (shape[0],) + tuple(None if s is None else s // 2
-                                            for s in shape[1:3]) + (shape[3],)
-            block.build(shape)
-            shape = with_channels(shape, block.filters[-1])
-            shapes.append(shape)
-        below = shapes[-1]
-        for i, (up, dec) in enumerate(zip(self.up_convs, self.dec_blocks)):
-            skip = shapes[-2 - i]
-            up.build(below)
-            c = below[-1] + (skip[-1] if self.skips else 0)
-            dec.build(with_channels(skip, c))
-            below = with_channels(skip, dec.filters[-1])
-        self.head.build(below)
-        self.built = True
-
-    # -- forward ----------------------------------------------------------------
-    def encode(self, x, training=False):
-        """Encoder pyramid: list of level outputs at strides 1, 2, 4, ..."""
-        if not self.built:
-            self.build(x.shape)
-        pyramid = []
-        for k, block in enumerate(self.enc_blocks):
-            if k:
-                x = self.pools[k - 1](x)
-            x = block(x, training=training)
-            pyramid.append(x)
-        return pyramid
-
-    def decode(self, pyramid, training=False):
-        """(decoder stage outputs coarse to fine, head output); only
-        ``pyramid[-1]`` is used when ``skips=False``."""
-        x = pyramid[-1]
-        stages = []
-        for i, (up, dec) in enumerate(zip(self.up_convs, self.dec_blocks)):
-            x = up(x)
-            if self.skips:
-                x = ops.concatenate([x, pyramid[-2 - i]], axis=-1)
-            x = dec(x, training=training)
-            stages.append(x)
-        return stages, self.head(x)
-
-    def call(self, x, training=False):
-        return self.decode(self.encode(x, training=training), training=training)[1]
+        super().__init__(base_width=base_width, levels=levels, norm=norm, skips=skips,
+                         out_channels=out_channels, final_activation=final_activation, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        config.update(base_width=self.base_width, levels=self.levels, norm=self.norm_kind,
-                      skips=self.skips, out_channels=self.out_channels,
-                      final_activation=_serialize_activation(self.final_activation))
+        for key in ("extra_stride_stage", "extra_channels", "encoder_only"):
+            config.pop(key)
         return config
 
 
 def unet2d_param_count(base_width=32, levels=4, norm="batch", skips=True, in_channels=1,
                        out_channels=1):
     """Closed-form parameter count of :class:`UNet2D` (trainable + BN statistics)."""
-    norm_per_channel = {"batch": 4, "sync_batch": 4, "group": 2, "instance": 2, "none": 0}[norm]
-
-    def unit(cin, cout):
-        return 9 * cin * cout + cout + norm_per_channel * cout
-
-    stages = unet3d_channels(base_width, levels)
-    total, cin = 0, in_channels
-    for mid, out in stages:
-        total += unit(cin, mid) + unit(mid, out)
-        cin = out
-    outs = [s[1] for s in stages]
-    for k in range(len(stages) - 1, 0, -1):
-        c_in, c_out = outs[k], outs[k - 1]
-        total += 4 * c_in * c_in + c_in
-        total += unit(c_in + (c_out if skips else 0), c_out) + unit(c_out, c_out)
-    return total + outs[0] * out_channels + out_channels
+    return unet3d_param_count(base_width, levels, norm, skips, in_channels=in_channels,
+                              out_channels=out_channels, rank=2)
 
 
 # ---------------------------------------------------------------------------
@@ -384,5 +201,5 @@ class SliceSegmenter(_Segmenter):
         return config
 
 
-__all__ = ["ConvUnit2D", "ConvBlock2D", "UNet2D", "unet2d_param_count", "volume_to_slabs",
+__all__ = ["UNet2D", "unet2d_param_count", "volume_to_slabs",
            "slabs_to_volume", "SliceFeatures", "SliceSegmenter"]

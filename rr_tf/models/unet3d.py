@@ -19,7 +19,8 @@ Layer paths (for transfer by name): ``enc1/unit1/conv``, ``enc1/unit1/norm``,
 
 import keras
 
-from rr_tf.models.layers import NORMS, ConvBlock, _register, with_channels
+from rr_tf.models.layers import (CONV, CONV_TRANSPOSE, MAX_POOL, NORMS, ConvBlock, _register,
+                                 with_channels)
 
 
 def unet3d_channels(base_width=32, levels=4, extra_stride_stage=False, extra_channels=None):
@@ -32,31 +33,16 @@ def unet3d_channels(base_width=32, levels=4, extra_stride_stage=False, extra_cha
     return stages
 
 
-@_register
-class UNet3D(keras.Model):
-    """Configurable Genesis 3D U-Net.
+class UNetBase(keras.Model):
+    """The Genesis U-Net for any ``rank`` (a class attribute: 3 for
+    :class:`UNet3D`, 2 for :class:`rr_tf.models.unet2d.UNet2D`); see UNet3D."""
 
-    Args:
-        base_width: channels of the first unit (32 in the papers).
-        levels: encoder levels (>= 2); the bottleneck is at stride 2**(levels-1).
-        norm: "batch" (eps 1e-5, momentum 0.9), "group" (8 groups), "instance"
-            or "none".
-        skips: concatenate the same-resolution encoder map in each up-block.
-        extra_stride_stage: one more pool + two units (stride-16 map at 4 levels).
-        extra_channels: width of the extra stage (default: bottleneck width).
-        out_channels: channels of the 1x1x1 head.
-        final_activation: activation of the head (None = linear).
-        encoder_only: build no decoder/head; ``call`` returns the pyramid.
-
-    Methods: ``encode(x)`` -> pyramid (list, strides 1, 2, 4, ...);
-    ``decode(pyramid)`` -> (decoder stage outputs coarse to fine, head output);
-    ``call(x)`` -> head output (or the pyramid when ``encoder_only``).
-    """
+    rank = 3
+    input_layout = "(batch, D, H, W, C)"
 
     def __init__(self, base_width=32, levels=4, norm="batch", skips=True,
                  extra_stride_stage=False, extra_channels=None, out_channels=1,
                  final_activation=None, encoder_only=False, **kwargs):
-        kwargs.setdefault("name", "unet3d")
         super().__init__(**kwargs)
         if int(levels) < 2:
             raise ValueError(f"levels must be >= 2, got {levels}")
@@ -71,30 +57,29 @@ class UNet3D(keras.Model):
         self.out_channels = int(out_channels)
         self.final_activation = final_activation
         self.encoder_only = bool(encoder_only)
-        dt = self.dtype_policy
+        dt, r = self.dtype_policy, self.rank
 
         self.stage_filters = unet3d_channels(base_width, levels, extra_stride_stage,
                                              extra_channels)
         self.encoder_channels = [f[1] for f in self.stage_filters]
         n = len(self.stage_filters)
-        self.enc_blocks = [ConvBlock(f, norm=norm, name=f"enc{k + 1}", dtype=dt)
+        self.enc_blocks = [ConvBlock(f, norm=norm, rank=r, name=f"enc{k + 1}", dtype=dt)
                            for k, f in enumerate(self.stage_filters)]
-        self.pools = [keras.layers.MaxPooling3D(2, name=f"pool{k + 1}", dtype=dt)
-                      for k in range(1, n)]
+        self.pools = [MAX_POOL[r](2, name=f"pool{k + 1}", dtype=dt) for k in range(1, n)]
         self.up_convs, self.dec_blocks, self.head = [], [], None
         if not self.encoder_only:
             for k in range(n - 1, 0, -1):  # 1-based stage index of the skip
                 c_in = self.encoder_channels[k]  # channels arriving from below
                 c_out = self.encoder_channels[k - 1]
-                self.up_convs.append(keras.layers.Conv3DTranspose(
-                    c_in, 2, strides=2, name=f"up{k}", dtype=dt))
-                self.dec_blocks.append(ConvBlock((c_out, c_out), norm=norm, name=f"dec{k}",
-                                                 dtype=dt))
-            self.head = keras.layers.Conv3D(self.out_channels, 1, activation=final_activation,
-                                            name="head", dtype=dt)
+                self.up_convs.append(CONV_TRANSPOSE[r](c_in, 2, strides=2, name=f"up{k}",
+                                                       dtype=dt))
+                self.dec_blocks.append(ConvBlock((c_out, c_out), norm=norm, rank=r,
+                                                 name=f"dec{k}", dtype=dt))
+            self.head = CONV[r](self.out_channels, 1, activation=final_activation,
+                                name="head", dtype=dt)
         self.decoder_channels = [b.filters[-1] for b in self.dec_blocks]
+        self.in_channels = None
 
-    # -- parts, for transfer ------------------------------------------------
     @property
     def encoder_layers(self):
         """Encoder blocks ``enc1, enc2, ...`` (pooling has no weights)."""
@@ -114,24 +99,26 @@ class UNet3D(keras.Model):
 
     @property
     def strides(self):
-        """Stride of each pyramid map."""
+        """Stride of each pyramid map (in-plane for the 2D net)."""
         return [2 ** k for k in range(self.num_stages)]
 
-    # -- build ----------------------------------------------------------------
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        if len(input_shape) != 5:
-            raise ValueError(f"UNet3D expects (batch, D, H, W, C), got {input_shape}")
+        r = self.rank
+        if len(input_shape) != r + 2:
+            raise ValueError(f"{type(self).__name__} expects {self.input_layout}, got "
+                             f"{input_shape}")
         factor = 2 ** (self.num_stages - 1)
-        for s in input_shape[1:4]:
+        for s in input_shape[1:r + 1]:
             if s is not None and s % factor:
-                raise ValueError(f"spatial size {input_shape[1:4]} must be divisible by "
+                raise ValueError(f"spatial size {input_shape[1:r + 1]} must be divisible by "
                                  f"{factor} ({self.num_stages} stages)")
+        self.in_channels = None if input_shape[-1] is None else int(input_shape[-1])
         shapes, shape = [], input_shape
         for k, block in enumerate(self.enc_blocks):
             if k:
                 shape = (shape[0],) + tuple(None if s is None else s // 2
-                                            for s in shape[1:4]) + (shape[4],)
+                                            for s in shape[1:r + 1]) + (shape[-1],)
             block.build(shape)
             shape = with_channels(shape, block.filters[-1])
             shapes.append(shape)
@@ -146,7 +133,6 @@ class UNet3D(keras.Model):
             self.head.build(below)
         self.built = True
 
-    # -- forward ----------------------------------------------------------------
     def encode(self, x, training=False):
         """Encoder pyramid: list of stage outputs at strides 1, 2, 4, ..."""
         if not self.built:  # encode() may be the first thing called
@@ -166,7 +152,7 @@ class UNet3D(keras.Model):
         modified (mixed, gated) by the caller before decoding.
         """
         if self.encoder_only:
-            raise ValueError("this UNet3D was built with encoder_only=True")
+            raise ValueError(f"this {type(self).__name__} was built with encoder_only=True")
         x = pyramid[-1]
         stages = []
         for i, (up, dec) in enumerate(zip(self.up_convs, self.dec_blocks)):
@@ -193,6 +179,34 @@ class UNet3D(keras.Model):
         return config
 
 
+@_register
+class UNet3D(UNetBase):
+    """Configurable Genesis 3D U-Net.
+
+    Args:
+        base_width: channels of the first unit (32 in the papers).
+        levels: encoder levels (>= 2); the bottleneck is at stride 2**(levels-1).
+        norm: "batch" (eps 1e-5, momentum 0.9), "group" (8 groups), "instance"
+            or "none".
+        skips: concatenate the same-resolution encoder map in each up-block.
+        extra_stride_stage: one more pool + two units (stride-16 map at 4 levels).
+        extra_channels: width of the extra stage (default: bottleneck width).
+        out_channels: channels of the 1x1x1 head.
+        final_activation: activation of the head (None = linear).
+        encoder_only: build no decoder/head; ``call`` returns the pyramid.
+
+    Methods: ``encode(x)`` -> pyramid (list, strides 1, 2, 4, ...);
+    ``decode(pyramid)`` -> (decoder stage outputs coarse to fine, head output);
+    ``call(x)`` -> head output (or the pyramid when ``encoder_only``).
+    """
+
+    rank = 3
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("name", "unet3d")
+        super().__init__(*args, **kwargs)
+
+
 def _serialize_activation(act):
     if act is None or isinstance(act, (str, dict)):
         return act
@@ -201,12 +215,14 @@ def _serialize_activation(act):
 
 def unet3d_param_count(base_width=32, levels=4, norm="batch", skips=True,
                        extra_stride_stage=False, extra_channels=None, in_channels=1,
-                       out_channels=1, encoder_only=False):
-    """Closed-form parameter count of :class:`UNet3D` (trainable + BN statistics)."""
-    norm_per_channel = {"batch": 4, "group": 2, "instance": 2, "none": 0}[norm]
+                       out_channels=1, encoder_only=False, rank=3):
+    """Closed-form parameter count of :class:`UNet3D` (``rank=2``: UNet2D)
+    (trainable + BN statistics)."""
+    norm_per_channel = {"batch": 4, "sync_batch": 4, "group": 2, "instance": 2, "none": 0}[norm]
+    kernel, up = 3 ** rank, 2 ** rank
 
     def unit(cin, cout):
-        return 27 * cin * cout + cout + norm_per_channel * cout
+        return kernel * cin * cout + cout + norm_per_channel * cout
 
     stages = unet3d_channels(base_width, levels, extra_stride_stage, extra_channels)
     total, cin = 0, in_channels
@@ -218,6 +234,6 @@ def unet3d_param_count(base_width=32, levels=4, norm="batch", skips=True,
     outs = [s[1] for s in stages]
     for k in range(len(stages) - 1, 0, -1):
         c_in, c_out = outs[k], outs[k - 1]
-        total += 8 * c_in * c_in + c_in
+        total += up * c_in * c_in + c_in
         total += unit(c_in + (c_out if skips else 0), c_out) + unit(c_out, c_out)
     return total + outs[0] * out_channels + out_channels
