@@ -20,7 +20,6 @@ import math
 import os
 import sys
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -29,7 +28,7 @@ from rr_tf.data.pipeline import StreamConfig, case_dataset, view_dataset
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
-from rr_tf.training import loop, optim, strategy as st
+from rr_tf.training import loop, optim
 from rr_tf.training.run_dir import RunDir
 from rr_tf.training.settings import FINETUNE_DEFAULTS, RunSettings
 from rr_tf.training.segmentation import SegmentationTask, Validation, _read_best
@@ -320,25 +319,15 @@ def run_finetuning(config, log=None):
     run.write_state(kind=kind, segmenter_args=args, num_classes=num_classes,
                     crop_size=list(config.crop_size), seed=config.seed,
                     pretrained=config.pretrained, labelled_cases=labelled, mode=mode)
-    with open(os.path.join(run.path, "labelled_cases.json"), "w") as f:
-        json.dump(labelled, f, indent=1)
+    run.write_json("labelled_cases.json", labelled)
     if config.mean_teacher:
         run.write_state(unlabelled_cases=unlabelled, consistency_weight=config.consistency_weight,
                         consistency_rampup_steps=config.consistency_rampup_steps,
                         teacher_momentum=config.teacher_momentum,
                         unlabelled_batch_size=config.unlabelled_batch_size or config.batch_size,
                         consistency_noise=config.consistency_noise)
-        with open(os.path.join(run.path, "unlabelled_cases.json"), "w") as f:
-            json.dump(unlabelled, f, indent=1)
-    if config.flags_text:
-        with open(run.flags, "w") as f:
-            f.write(config.flags_text)
-
-    st.set_precision(config.mixed_precision)
-    strategy = st.make_strategy(config.strategy, config.tpu)
-    jit = st.resolve_jit_compile(config.jit_compile, strategy)
-    step0 = loop.latest_step(run.checkpoints)
-    keras.utils.set_random_seed(config.seed)
+        run.write_json("unlabelled_cases.json", unlabelled)
+    strategy, jit, step0 = config.start(run)
     log(f"finetune: {'resuming at step ' + str(step0) if resumed and step0 else 'new run'} in "
         f"{run.path}; {kind} segmenter, {num_classes} classes, {len(labelled)} labelled case(s) "
         f"{labelled if len(labelled) <= 8 else ''}; "

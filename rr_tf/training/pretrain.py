@@ -5,13 +5,12 @@ import dataclasses
 import os
 import sys
 
-import keras
 
 from rr_tf.data import records
 from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, view_dataset
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
-from rr_tf.training import loop, optim, strategy as st
+from rr_tf.training import loop, optim
 from rr_tf.training.run_dir import RunDir
 from rr_tf.training.settings import RunSettings
 
@@ -85,14 +84,7 @@ def run_pretraining(config, log=None):
     resumed = run.prepare(config.method, spec, config.train_steps, config.overwrite)
     run.write_state(method_config=dataclasses.asdict(method_config),
                     crop_size=list(config.crop_size), seed=config.seed)
-    if config.flags_text:
-        with open(run.flags, "w") as f:
-            f.write(config.flags_text)
-    st.set_precision(config.mixed_precision)
-    strategy = st.make_strategy(config.strategy, config.tpu)
-    jit = st.resolve_jit_compile(config.jit_compile, strategy)
-    step0 = loop.latest_step(run.checkpoints)
-    keras.utils.set_random_seed(config.seed)
+    strategy, jit, step0 = config.start(run)
     log(f"{config.method}: {'resuming at step ' + str(step0) if resumed and step0 else 'new run'} in "
         f"{run.path}; {strategy.num_replicas_in_sync} replica(s), jit_compile={jit}, "
         f"data {config.data_dir} ({spec.describe()})")

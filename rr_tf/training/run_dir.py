@@ -87,5 +87,14 @@ class RunDir:
         state = dict(self.state() or {}, **fields)
         _atomic_write(self.state_path, json.dumps(state, indent=1) + "\n")
 
+    def write_json(self, name, value):
+        """``name`` (a file in the run directory) holding ``value`` as JSON."""
+        _atomic_write(os.path.join(self.path, name), json.dumps(value, indent=1) + "\n")
+
+    def write_flags(self, text):
+        """The resolved flags (``flags.txt``), if any."""
+        if text:
+            _atomic_write(self.flags, text)
+
     def write_metrics(self, metrics):
         _atomic_write(self.metrics, json.dumps(metrics, indent=1, sort_keys=True) + "\n")

@@ -37,6 +37,23 @@ class RunSettings:
     overwrite: bool = False
     flags_text: str = ""                 # the resolved flags, written to the run's flags.txt
 
+    def start(self, run):
+        """What every run does before building its model: records the flags
+        in ``run``, sets the precision policy, makes the strategy, resolves
+        jit_compile, reads the step to resume from and seeds Keras.
+        Returns ``(strategy, jit_compile, resume_step)``."""
+        import keras
+
+        from rr_tf.training import loop, strategy as st
+
+        run.write_flags(self.flags_text)
+        st.set_precision(self.mixed_precision)
+        strategy = st.make_strategy(self.strategy, self.tpu)
+        jit = st.resolve_jit_compile(self.jit_compile, strategy)
+        step0 = loop.latest_step(run.checkpoints)
+        keras.utils.set_random_seed(self.seed)
+        return strategy, jit, step0
+
     def validate_run(self):
         if len(self.crop_size) != 3 or min(self.crop_size) < 1:
             raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
