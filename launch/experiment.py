@@ -120,7 +120,8 @@ def pretrain(method, shards, out):
 def finetune(source, budget, seed, shards, out):
     name = f"{source}_n{budget}_s{seed}"
     run_dir = os.path.join(out, "finetune", name)
-    if not finished(run_dir):
+    ran = not finished(run_dir)
+    if ran:
         cmd = [sys.executable, "launch/finetune.py", f"--flagfile={FLAGS.hw}", f"--data_dir={shards}",
                f"--run_dir={run_dir}", f"--num_labeled={budget}", f"--seed={seed}",
                f"--train_steps={FLAGS.finetune_steps}", f"--crop_size={FLAGS.crop_size}",
@@ -133,7 +134,7 @@ def finetune(source, budget, seed, shards, out):
         else:
             cmd.append(f"--pretrained={os.path.join(out, 'pretrain', source)}")
         run(cmd)
-    return run_dir
+    return run_dir, ran
 
 
 def _demo_width():
@@ -148,14 +149,15 @@ def _demo_width():
 def score(run_dir, test):
     pred = os.path.join(run_dir, "test_predictions")
     metrics = os.path.join(run_dir, "test_metrics", "metrics.json")
-    if not os.path.exists(metrics):
+    ran = not os.path.exists(metrics)
+    if ran:
         run([sys.executable, "launch/infer.py", f"--model={run_dir}",
              f"--input={os.path.join(test, 'images')}", f"--output={pred}"])
         run([sys.executable, "launch/evaluate.py", f"--pred={pred}",
              f"--ref={os.path.join(test, 'labels')}", f"--output={os.path.dirname(metrics)}",
              "--label_names=phantom", f"--image={os.path.join(test, 'images')}"])
     with open(metrics) as f:
-        return json.load(f)
+        return json.load(f), ran
 
 
 def summarise(results, budgets, sources):
@@ -168,6 +170,41 @@ def summarise(results, budgets, sources):
                                    float((sum((v - sum(vals) / len(vals)) ** 2 for v in vals)
                                           / max(len(vals) - 1, 1)) ** 0.5), len(vals))
     return table
+
+
+def per_run_lines(results, timings):
+    """One markdown row per fine-tuning: segmenter, variables loaded, test
+    Dice (mean and three organs), the validation step kept, wall time."""
+    organs = ("liver", "spleen", "bone")
+    lines = ["| run | segmenter | variables loaded | mean Dice | " + " | ".join(organs)
+             + " | best val step (Dice) | wall s |", "|---|---|---|---|" + "---|" * len(organs)
+             + "---|---|"]
+    for r in results:
+        d = r["run_dir"]
+        with open(os.path.join(d, "test_metrics", "metrics.json")) as f:
+            classes = json.load(f)["summary"]["classes"]
+        with open(os.path.join(d, "run.json")) as f:
+            kind = json.load(f).get("kind")
+        loaded = 0
+        if os.path.exists(os.path.join(d, "transfer.json")):
+            with open(os.path.join(d, "transfer.json")) as f:
+                loaded = len(json.load(f)["matched"])
+        with open(os.path.join(d, "metrics.json")) as f:
+            best = json.load(f).get("best") or {}
+        dice = [classes[o]["dice_mean"] for o in organs]
+        name = os.path.basename(d)
+        val = (f"{best['step']} ({best['mean_dice']:.3f})" if best.get("step") is not None
+               else "–")
+        lines.append(f"| {name} | {kind} | {loaded} | {r['dice']:.3f} | "
+                     + " | ".join("–" if v is None else f"{v:.3f}" for v in dice)
+                     + f" | {val} | {timings.get('finetune/' + name, '–')} |")
+    return lines
+
+
+def _write_atomic(path, data, mode="w"):
+    with open(path + ".tmp", mode) as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
 
 
 def write_report(out, results, budgets, sources, timings):
@@ -192,8 +229,7 @@ def write_report(out, results, budgets, sources, timings):
         title="Dice vs labelled cases")
     png = encode_png(img)
     legend = ", ".join(f"{name}: rgb{c}" for name, c in colours.items())
-    with open(os.path.join(out, "dice_vs_labels.png"), "wb") as f:
-        f.write(png)
+    _write_atomic(os.path.join(out, "dice_vs_labels.png"), png, "wb")
     report = {"table": "\n".join(lines), "legend": legend, "timings_s": timings,
               "results": results,
               "settings": {k: FLAGS[k].value for k in ("methods", "num_labeled", "seeds",
@@ -202,13 +238,18 @@ def write_report(out, results, budgets, sources, timings):
                                                        "crop_size", "pretrain_batch",
                                                        "finetune_batch", "finetune_lr", "val_cases", "width",
                                                        "hw", "seed")}}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    _write_atomic(os.path.join(out, "results.json"), json.dumps(report, indent=1))
+    ran = [f"finetune/{os.path.basename(r['run_dir'])}" for r in results] + [
+        f"pretrain/{m}" for m in FLAGS.methods]
+    total = sum(timings.get(k, 0) for k in ran)
     md = ["Mean foreground Dice (mean over the 10 organ labels, then over the "
           f"{FLAGS.test_cases} held-out phantoms; mean ± std over seeds):", "",
-          *lines, "", f"Plot colours: {legend}."]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+          *lines, "", f"Plot colours: {legend}.", "",
+          "Per fine-tuning (test Dice; the validation step whose weights were kept; wall "
+          "time of fine-tuning + inference + scoring):", "", *per_run_lines(results, timings),
+          "", f"Wall time of these stages (pre-training, fine-tuning, inference, scoring): "
+          f"{total / 60:.0f} min, plus data preparation."]
+    _write_atomic(os.path.join(out, "results.md"), "\n".join(md) + "\n")
     return "\n".join(md), png
 
 
@@ -222,9 +263,7 @@ def write_results_section(path, md):
         text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    _write_atomic(path, text)
 
 
 def main(argv):
@@ -242,7 +281,10 @@ def main(argv):
     out = os.path.abspath(FLAGS.output_dir)
     os.makedirs(out, exist_ok=True)
     sources = ["scratch"] + list(FLAGS.methods)
-    timings = {}
+    timings = {}  # stage -> wall seconds, kept from earlier invocations of this experiment
+    if os.path.exists(os.path.join(out, "results.json")):
+        with open(os.path.join(out, "results.json")) as f:
+            timings = json.load(f).get("timings_s", {})
     try:
         shards, test = prepare_data(out)
         for method in FLAGS.methods:
@@ -254,9 +296,10 @@ def main(argv):
             for b in budgets:
                 for seed in range(FLAGS.seeds):
                     start = time.time()
-                    run_dir = finetune(src, b, seed, shards, out)
-                    metrics = score(run_dir, test)
-                    timings[f"finetune/{src}_n{b}_s{seed}"] = round(time.time() - start)
+                    run_dir, trained = finetune(src, b, seed, shards, out)
+                    metrics, scored = score(run_dir, test)
+                    if trained or scored:  # else the time of an earlier invocation stays
+                        timings[f"finetune/{src}_n{b}_s{seed}"] = round(time.time() - start)
                     results.append({"source": src, "budget": b, "seed": seed,
                                     "dice": metrics["summary"]["overall"]["dice_class_mean"]
                                     if "summary" in metrics else metrics["overall"]["dice_class_mean"],
@@ -267,8 +310,7 @@ def main(argv):
     md, png = write_report(out, results, budgets, sources, timings)
     print(md)
     if FLAGS.write_docs:
-        with open(os.path.join(ROOT, "docs", "dice_vs_labels.png"), "wb") as f:
-            f.write(png)
+        _write_atomic(os.path.join(ROOT, "docs", "dice_vs_labels.png"), png, "wb")
         write_results_section(os.path.join(ROOT, "docs", "results.md"), md)
 
 
