@@ -231,50 +231,64 @@ def _labels_int(labels, logits):
     return ops.cast(labels, "int32")
 
 
+def _identity(x):
+    return x
+
+
 def soft_dice_loss(logits, labels, num_classes, smooth=1e-5,
-                   include_background=True):
+                   include_background=True, reduce_sums=_identity):
     """``1 - mean_c dice_c`` of softmax probabilities, per class over the batch.
 
     ``dice_c = (2 * sum(p_c * y_c) + smooth) / (sum(p_c) + sum(y_c) + smooth)``
     with sums over all batch and spatial voxels; a class absent from both the
     prediction and the labels scores 1. ``include_background=False`` drops
-    class 0 from the mean.
+    class 0 from the mean. ``reduce_sums`` is applied to the per-class sums
+    before the ratio: under tf.distribute pass
+    :func:`rr_tf.models.momentum.sum_over_replicas` so that the batch is the
+    global one (as nnU-Net's DDP batch Dice), not each replica's share.
     """
     logits = _f32(logits)
     labels = _labels_int(labels, logits)
     probs = ops.softmax(logits, axis=-1)
     onehot = ops.one_hot(labels, num_classes, dtype=_F32)
     axes = tuple(range(len(logits.shape) - 1))
-    inter = ops.sum(probs * onehot, axis=axes)
-    denom = ops.sum(probs, axis=axes) + ops.sum(onehot, axis=axes)
-    dice = (2.0 * inter + smooth) / (denom + smooth)  # [C]
+    sums = reduce_sums(ops.stack([ops.sum(probs * onehot, axis=axes),
+                                  ops.sum(probs, axis=axes) + ops.sum(onehot, axis=axes)]))
+    dice = (2.0 * sums[0] + smooth) / (sums[1] + smooth)  # [C]
     if not include_background:
         dice = dice[1:]
     return 1.0 - ops.mean(dice)
 
 
 def dice_ce_loss(logits, labels, num_classes, class_weights=None, smooth=1e-5,
-                 include_background=True, dice_weight=1.0, ce_weight=1.0):
+                 include_background=True, dice_weight=1.0, ce_weight=1.0,
+                 reduce_sums=_identity, replicas=1):
     """Soft Dice + cross-entropy for ``logits [B, D, H, W, C]``, ``labels [B, D, H, W]``.
 
     Dice: :func:`soft_dice_loss`. Cross-entropy: mean over voxels; with
     ``class_weights`` (length C) it is the weighted mean
     ``sum(w[y] * ce) / sum(w[y])`` (torch ``CrossEntropyLoss(weight=...)``).
     Labels may carry a trailing channel of 1.
+
+    Under tf.distribute with ``reduce_sums = sum_over_replicas`` and
+    ``replicas = R``, every term is of the *global* batch and the value is
+    the same on every replica; the caller's 1/R loss scaling then gives the
+    one-device gradient (local batches must be equal in size).
     """
     logits = _f32(logits)
     labels = _labels_int(labels, logits)
     dice = soft_dice_loss(logits, labels, num_classes, smooth,
-                          include_background)
+                          include_background, reduce_sums)
     logp = ops.log_softmax(logits, axis=-1)
     onehot = ops.one_hot(labels, num_classes, dtype=_F32)
     ce = -ops.sum(onehot * logp, axis=-1)  # per voxel
     if class_weights is None:
-        ce = ops.mean(ce)
+        ce = reduce_sums(ops.mean(ce)) / replicas
     else:
         w = ops.sum(onehot * ops.convert_to_tensor(class_weights, _F32),
                     axis=-1)
-        ce = ops.sum(w * ce) / ops.maximum(ops.sum(w), 1e-12)
+        sums = reduce_sums(ops.stack([ops.sum(w * ce), ops.sum(w)]))
+        ce = sums[0] / ops.maximum(sums[1], 1e-12)
     return dice_weight * dice + ce_weight * ce
 
 

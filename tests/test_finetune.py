@@ -277,3 +277,60 @@ def test_training_dice_leaves_out_classes_absent_from_label_and_prediction():
     np.testing.assert_allclose(float(foreground_dice(logits, label, 3)), (2 / 3 + 0) / 2, rtol=1e-6)
     background = np.eye(3, dtype="float32")[np.zeros(4, int)].reshape(1, 4, 1, 1, 3)
     assert float(foreground_dice(background, np.zeros_like(label), 3)) == 1.0
+
+
+REPLICA_SCRIPT = r"""
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from rr_tf import losses
+from rr_tf.models.segmenters import UNetSegmenter
+from rr_tf.training.segmentation import SegmentationTask
+
+class LocalDice(SegmentationTask):  # what a naive port does: each replica's own batch Dice
+    def segmentation_loss(self, logits, label, dice_weight=1.0):
+        return losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights,
+                                   dice_weight=dice_weight)
+
+rng = np.random.default_rng(0)
+batch = {"image": rng.uniform(size=(4, 16, 16, 16, 1)).astype("float32"),
+         "label": rng.integers(0, 3, (4, 16, 16, 16)).astype("int32")}
+batch["label"][:2] = 0  # replica 0's half has no foreground: local and global Dice differ
+
+def run(strategy, cls):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        seg = UNetSegmenter(3, base_width=2, levels=3, norm="group")
+        task = cls(seg, 3, class_weights=(0.2, 1.0, 2.0))
+        task.compile(optimizer=keras.optimizers.SGD(0.5), jit_compile=False)
+        task.build_for(batch)
+    before = [w.numpy() for w in seg.weights]
+    ds = tf.data.Dataset.from_tensor_slices(batch).batch(4)
+    logs = task.fit(ds, epochs=1, verbose=0).history
+    return [w.numpy() for w in seg.weights], before, float(logs["loss"][0])
+
+one, init, loss1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"), SegmentationTask)
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collective keys restart
+two, _, loss2 = run(mirrored, SegmentationTask)
+naive, _, _ = run(mirrored, LocalDice)
+diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+print(json.dumps({"moved": diff(one, init), "two": diff(one, two), "naive": diff(one, naive),
+                  "loss": [loss1, loss2]}))
+"""
+
+
+def test_finetuning_step_is_the_same_on_one_and_two_replicas():
+    """Batch Dice and class-weighted CE are ratios of sums over the batch:
+    each replica must use the global sums, not its own half (which would
+    change the step here by far more than rounding)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", REPLICA_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["moved"] > 1e-3, out
+    np.testing.assert_allclose(out["loss"][0], out["loss"][1], rtol=1e-5)
+    assert out["two"] < 1e-3 * out["moved"], out
+    assert out["naive"] > 100 * out["two"], out

@@ -93,6 +93,19 @@ def gather_from_replicas(x):
     return ctx.all_gather(x, axis=0)
 
 
+def sum_over_replicas(x):
+    """``x`` summed over all replicas (``all_reduce(SUM)``), the same value
+    on each; ``x`` itself without distribution. Differentiable: the gradient
+    reaching each replica's ``x`` is the sum of all replicas' upstream
+    gradients, so a loss computed from global sums and scaled by 1/R per
+    replica gets the one-device gradient (tested with the fine-tuning
+    loss)."""
+    ctx = _replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return x
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
 def replica_row_offset(x):
     """Index of this replica's first row in ``gather_from_replicas(x)``.
 

@@ -40,7 +40,6 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from rr_tf import losses
 from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.momentum import MomentumEncoder, copy_weights
 from rr_tf.training import optim
@@ -146,14 +145,13 @@ class MeanTeacherTask(SegmentationTask):
         variables = self.segmenter.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.segmenter(image, training=True)
-            supervised = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights)
+            supervised = self.segmentation_loss(logits, label)
             consistency = self.consistency(unlabelled, step)
             loss = supervised + weight * consistency
             scaled = optim.replica_scaled(loss)
         optim.backprop(self.optimizer, tape, scaled, variables)
         self.teacher.update()  # after the optimizer step (auto control dependencies keep the order)
-        ce = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights,
-                                 dice_weight=0.0)
+        ce = self.segmentation_loss(logits, label, dice_weight=0.0)
         values = {"loss": loss, "loss_ce": ce,
                   "train_dice": foreground_dice(logits, label, self.num_classes),
                   "loss_consistency": consistency, "consistency_weight": weight}

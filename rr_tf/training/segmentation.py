@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from rr_tf import losses
+from rr_tf.models.momentum import num_replicas, sum_over_replicas
 from rr_tf.training import optim
 from rr_tf.utils.figures import tensorboard_overlay
 from rr_tf.training.callbacks import _step
@@ -53,16 +54,23 @@ class SegmentationTask(keras.Model):
     def call(self, x, training=False):
         return self.segmenter(x, training=training)
 
+    def segmentation_loss(self, logits, label, dice_weight=1.0):
+        """Dice + CE of the *global* batch: under tf.distribute the Dice
+        (and weighted-CE) sums are added over replicas before the ratios,
+        so 1 and R replicas train alike (tested)."""
+        return losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights,
+                                   dice_weight=dice_weight, reduce_sums=sum_over_replicas,
+                                   replicas=num_replicas())
+
     def train_step(self, batch):
         image, label = batch["image"], batch["label"]
         variables = self.segmenter.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.segmenter(image, training=True)
-            loss = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights)
+            loss = self.segmentation_loss(logits, label)
             scaled = optim.replica_scaled(loss)
         optim.backprop(self.optimizer, tape, scaled, variables)
-        ce = losses.dice_ce_loss(logits, label, self.num_classes, self.class_weights,
-                                 dice_weight=0.0)
+        ce = self.segmentation_loss(logits, label, dice_weight=0.0)
         values = {"loss": loss, "loss_ce": ce, "train_dice": foreground_dice(logits, label,
                                                                              self.num_classes)}
         for name, value in values.items():
