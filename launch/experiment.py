@@ -3,7 +3,8 @@ budget, fine-tune from it (and from scratch) with a few labelled cases over
 several seeds, segment held-out phantoms, score them, and write the table
 and a plot.
 
-  python launch/experiment.py --output_dir=runs/experiment
+  python launch/experiment.py --output_dir=runs/experiment      # RepRec vs scratch, ~1 h on 2 cores
+  python launch/experiment.py --output_dir=runs/experiment --methods=reprec,moco,genesis
   python launch/experiment.py --output_dir=runs/exp_gpu --methods=reprec,mae,moco,simclr,\\
       genesis,pcrl,pcrlv2,pgl --num_labeled=1,2,4,8 --seeds=3 --pretrain_steps=20000 \\
       --finetune_steps=5000 --crop_size=96,96,96 --width=32 --hw=configs/hw/gpu1.flags
@@ -33,8 +34,10 @@ flagutil.quiet_tensorflow()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where data, runs and results go (resumable).")
-flags.DEFINE_list("methods", ["reprec", "moco", "genesis"], "Pre-training methods compared "
-                  "(each with its configs/demo_<method>.flags model size); 'scratch' is always added.")
+flags.DEFINE_list("methods", ["reprec"], "Pre-training methods compared (each with its "
+                  "configs/demo_<method>.flags model size); 'scratch' is always added. The "
+                  "default (RepRec vs scratch) is sized for about an hour on 2 CPU cores; each "
+                  "more method adds about half an hour there.")
 flags.DEFINE_list("num_labeled", ["1", "2", "4"], "Labelled-case budgets of the fine-tunings.")
 flags.DEFINE_integer("seeds", 2, "Fine-tuning seeds per method and budget (labelled subset, "
                      "initialisation, data order).", lower_bound=1)
@@ -47,7 +50,7 @@ flags.DEFINE_integer("finetune_steps", 150, "Fine-tuning steps of every run.", l
 flags.DEFINE_string("crop_size", "48,48,32", "Pre-training crop and fine-tuning patch size.")
 flags.DEFINE_integer("pretrain_batch", 4, "Pre-training batch size.", lower_bound=1)
 flags.DEFINE_integer("finetune_batch", 2, "Fine-tuning batch size.", lower_bound=1)
-flags.DEFINE_integer("val_cases", 2, "Validation volumes each fine-tuning scores to pick its "
+flags.DEFINE_integer("val_cases", 1, "Validation volumes each fine-tuning scores to pick its "
                      "best checkpoint (0 = every val case).", lower_bound=0)
 flags.DEFINE_float("finetune_lr", 1e-3, "Fine-tuning learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("width", 0, "Override the demo flagfiles' base width (0 = keep).", lower_bound=0)
