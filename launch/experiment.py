@@ -53,6 +53,11 @@ flags.DEFINE_integer("finetune_batch", 2, "Fine-tuning batch size.", lower_bound
 flags.DEFINE_integer("val_cases", 1, "Validation volumes each fine-tuning scores to pick its "
                      "best checkpoint (0 = every val case).", lower_bound=0)
 flags.DEFINE_float("finetune_lr", 1e-3, "Fine-tuning learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("validations", 1, "Validations per fine-tuning, evenly spaced, the last at "
+                     "the end; the best one's weights are scored (1 = the final weights).",
+                     lower_bound=1)
+flags.DEFINE_float("test_overlap", 0.25, "Sliding-window overlap of the test-set inference.",
+                   lower_bound=0.0, upper_bound=0.95)
 flags.DEFINE_integer("width", 0, "Override the demo flagfiles' base width (0 = keep).", lower_bound=0)
 flags.DEFINE_string("hw", "configs/hw/cpu.flags", "Hardware flagfile for the launchers.")
 flags.DEFINE_boolean("write_docs", False, "Also write docs/results.md and docs/dice_vs_labels.png.")
@@ -129,7 +134,8 @@ def finetune(source, budget, seed, shards, out):
                f"--run_dir={run_dir}", f"--num_labeled={budget}", f"--seed={seed}",
                f"--train_steps={FLAGS.finetune_steps}", f"--crop_size={FLAGS.crop_size}",
                f"--batch_size={FLAGS.finetune_batch}", f"--learning_rate={FLAGS.finetune_lr}",
-               f"--val_every={max(FLAGS.finetune_steps // 3, 1)}", f"--val_cases={FLAGS.val_cases}",
+               f"--val_every={max(FLAGS.finetune_steps // FLAGS.validations, 1)}",
+               f"--val_cases={FLAGS.val_cases}",
                f"--checkpoint_every={FLAGS.finetune_steps}", "--verbose=none"]
         if source == "scratch":
             width = FLAGS.width or _demo_width()
@@ -155,7 +161,8 @@ def score(run_dir, test):
     ran = not os.path.exists(metrics)
     if ran:
         run([sys.executable, "launch/infer.py", f"--model={run_dir}",
-             f"--input={os.path.join(test, 'images')}", f"--output={pred}"])
+             f"--input={os.path.join(test, 'images')}", f"--output={pred}",
+             f"--overlap={FLAGS.test_overlap}"])
         run([sys.executable, "launch/evaluate.py", f"--pred={pred}",
              f"--ref={os.path.join(test, 'labels')}", f"--output={os.path.dirname(metrics)}",
              "--label_names=phantom", f"--image={os.path.join(test, 'images')}"])
@@ -239,7 +246,8 @@ def write_report(out, results, budgets, sources, timings):
                                                        "pretrain_cases", "test_cases", "spacing",
                                                        "pretrain_steps", "finetune_steps",
                                                        "crop_size", "pretrain_batch",
-                                                       "finetune_batch", "finetune_lr", "val_cases", "width",
+                                                       "finetune_batch", "finetune_lr", "val_cases",
+                                                       "validations", "test_overlap", "width",
                                                        "hw", "seed")}}
     _write_atomic(os.path.join(out, "results.json"), json.dumps(report, indent=1))
     ran = [f"finetune/{os.path.basename(r['run_dir'])}" for r in results] + [
