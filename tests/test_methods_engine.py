@@ -76,3 +76,47 @@ def test_method_trains_resumes_and_exports(name, shards, tmp_path):
     parts, spec = source_parts(str(tmp_path / "run"))
     assert parts and spec is not None
     assert all(p in ("unet", "hybrid", "vit", "unet2d") for p in parts), parts
+
+
+@pytest.mark.slow  # about 1-2 min per method on 2 cores; run with -m slow
+@pytest.mark.parametrize("name", method_names())
+def test_method_resumes_after_sigkill(name, shards, tmp_path):
+    """launch/pretrain.py from the method's demo flagfile (shrunk), killed
+    with SIGKILL after its first checkpoint, then the same command again:
+    it resumes from a checkpoint and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cls, config, crop = _tiny(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    demo = "demo.flags" if name == "reprec" else f"demo_{name}.flags"
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), f"--flagfile=configs/{demo}",
+           f"--data_dir={shards}", f"--run_dir={run_dir}", "--prepare_phantom_if_missing=0",
+           f"--crop_size={','.join(map(str, crop))}", "--batch_size=2", "--crops_per_volume=2",
+           "--train_steps=8", "--warmup_steps=0", "--checkpoint_every=2", "--image_every=4",
+           "--verbose=none", "--noexport"]
+    cmd += [f"--{k}={v}" for k, v in (("base_width", 2), ("queue_size", 8), ("key_bn_groups", 1))
+            if k in fields]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (run_dir / "checkpoints" / "ckpt-2.index").exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside a later step (or a later save)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not json.load(open(run_dir / "run.json"))["finished"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at step" in res.stderr, res.stderr[-2000:]
+    resumed = int(res.stderr.split("resuming at step ")[1].split()[0])
+    assert resumed >= 2 and resumed % 2 == 0
+    state = json.load(open(run_dir / "run.json"))
+    assert state["finished"] and state["last_step"] == 8
+    assert np.isfinite(json.load(open(run_dir / "metrics.json"))["loss"])
