@@ -152,3 +152,41 @@ def test_parts():
     assert feats["stride_8"].shape == (2, 2, 2, 2, 32)  # base 2: 2 * 2**4
     imgs = m.summary_images(_batch())
     assert imgs["view1"].shape == (2, 16, 16, 1) and imgs["similarity"].shape == (1, 2, 2, 1)
+
+
+def test_learns_instance_discrimination_when_instances_differ():
+    """End-to-end learning check of the shared MoCo branch (momentum keys
+    with shuffling BN, queue, InfoNCE, backprop): 256 distinct smooth random
+    volumes, the two views of one are the volume plus independent noise.
+    From chance (ln 65 = 4.17, top-1 1/65) the loss must fall well below it
+    within 160 AdamW steps (measured with seeds 0/1/2: 2.68/2.10/2.41 over
+    steps 141-160, top-1 0.43/0.58/0.46). The phantom demo's flat InfoNCE is
+    therefore a property of its data and budget, not of this code path."""
+    from rr_tf.training.optim import build_optimizer as build
+
+    n, b, steps = 256, 8, 160
+    rng = np.random.default_rng(0)
+    coarse = rng.normal(size=(n * 8, 8, 8, 1)).astype("float32")
+    vols = tf.image.resize(coarse, (16, 16)).numpy().reshape(n, 8, 16, 16, 1).repeat(2, axis=1)
+
+    def batch():
+        v = vols[rng.choice(n, b, replace=False)]
+        noisy = lambda: tf.constant(v + 0.3 * rng.normal(size=v.shape).astype("float32"))  # noqa: E731
+        return {"view1": noisy(), "view2": noisy()}
+
+    config = Config(base_width=4, proj_dim=32, proj_hidden_dim=32, queue_size=64, momentum=0.9,
+                    proj_bn=True, key_bn_groups=2)
+    tf.keras.utils.set_random_seed(0)
+    m = MoCo(config, seed=0)
+    m.compile(optimizer=build("adamw", 1e-3, steps, 1e-4, 0), jit_compile=False)
+    m.build_for(batch())
+    step = tf.function(m.train_step)
+    losses, accs = [], []
+    for _ in range(steps):
+        m.reset_metrics()
+        out = step(batch())
+        losses.append(float(out["loss"]))
+        accs.append(float(out["contrast_acc"]))
+    first, last = np.mean(losses[:10]), np.mean(losses[-20:])
+    assert last < np.log(65) - 1.2 and last < first - 0.4, (first, last)
+    assert np.mean(accs[-20:]) > 0.25, accs[-20:]
