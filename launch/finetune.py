@@ -82,11 +82,9 @@ flags.mark_flags_as_required(["data_dir", "run_dir"])
 def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
-    from rr_tf.errors import RrTfError
     from rr_tf.training.finetune import FinetuneConfig, run_finetuning
-    from rr_tf.training.loop import TrainingDiverged
 
-    try:
+    def job():
         weights = None
         if FLAGS.class_weights:
             weights = tuple(float(w) for w in FLAGS.class_weights)
@@ -106,11 +104,8 @@ def main(argv):
             unlabelled_batch_size=FLAGS.unlabelled_batch_size,
             consistency_noise=FLAGS.consistency_noise, **flagutil.run_settings(__file__))
         run_finetuning(config)
-    except TrainingDiverged as err:
-        flagutil.fail(__file__, str(err), code=1)
-    except (RrTfError, ValueError) as err:
-        flagutil.fail(__file__, str(err))
-    sys.exit(0)
+
+    flagutil.run_job(__file__, job)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,22 @@ def fail(script, message, code=2):
     sys.exit(code)
 
 
+def run_job(script, job):
+    """Runs a training launcher's ``job()`` and exits: 0 when it returns, 1
+    with one line when the run diverged (the last good checkpoint is kept),
+    2 with one line on bad input or configuration (no traceback)."""
+    from rr_tf.errors import RrTfError
+    from rr_tf.training.loop import TrainingDiverged
+
+    try:
+        job()
+    except TrainingDiverged as err:
+        fail(script, str(err), code=1)
+    except (RrTfError, ValueError) as err:
+        fail(script, str(err))
+    sys.exit(0)
+
+
 def define_config_flags(configs, module_name=None):
     """One flag per field of the given Config dataclasses ({owner name:
     Config class}), named like the field, default None (= the owner's own

@@ -81,11 +81,9 @@ def ensure_data():
 def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
-    from rr_tf.errors import RrTfError
-    from rr_tf.training.loop import TrainingDiverged
     from rr_tf.training.pretrain import PretrainConfig, run_pretraining
 
-    try:
+    def job():
         cls = get_method(FLAGS.method)
         config = PretrainConfig(
             method=FLAGS.method, data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir,
@@ -93,12 +91,8 @@ def main(argv):
             **flagutil.run_settings(__file__, sorted(METHOD_FLAGS)))
         ensure_data()
         run_pretraining(config)
-    except TrainingDiverged as err:
-        flagutil.fail(__file__, str(err), code=1)
-    except (RrTfError, ValueError) as err:
-        flagutil.fail(__file__, str(err))
-    sys.exit(0)
 
+    flagutil.run_job(__file__, job)
 
 if __name__ == "__main__":
     app.run(main)
