@@ -246,3 +246,59 @@ def test_mean_teacher_finetuning_resumes_with_its_teacher(shards, tmp_path):
     with pytest.raises(ConfigError, match="consistency_weight"):
         run_finetuning(dataclasses.replace(cfg, train_steps=4, consistency_weight=0.0),
                        log=lambda m: None)
+
+
+MT_REPLICA_SCRIPT = r"""
+import json
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from rr_tf.models.segmenters import UNetSegmenter
+from rr_tf.training.mean_teacher import MeanTeacherTask
+
+rng = np.random.default_rng(0)
+batch = {"image": rng.uniform(size=(8, 16, 16, 16, 1)).astype("float32"),
+         "label": rng.integers(0, 3, (8, 16, 16, 16)).astype("int32"),
+         "unlabelled": rng.uniform(size=(8, 16, 16, 16, 1)).astype("float32")}
+batch["label"][:2] = 0  # replica 0's half of step 1 has no foreground
+
+def run(strategy):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        seg = UNetSegmenter(3, base_width=2, levels=3, norm="group")
+        task = MeanTeacherTask(seg, 3, class_weights=(0.2, 1.0, 2.0), consistency_weight=5.0,
+                               teacher_momentum=0.5, noise_std=0.0, seed=0)
+        task.compile(optimizer=keras.optimizers.SGD(0.5), jit_compile=False)
+        task.build_for({k: v[:4] for k, v in batch.items()})
+    before = [w.numpy() for w in seg.weights]
+    ds = tf.data.Dataset.from_tensor_slices(batch).batch(4)  # two steps: the teacher has moved
+    logs = task.fit(ds, epochs=1, verbose=0).history
+    return ([w.numpy() for w in seg.weights], [w.numpy() for w in task.teacher.target.weights],
+            before, float(logs["loss"][0]), float(logs["loss_consistency"][0]))
+
+s1, t1, init, loss1, c1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"))
+s2, t2, _, loss2, c2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+print(json.dumps({"moved": diff(s1, init), "student": diff(s1, s2), "teacher": diff(t1, t2),
+                  "teacher_moved": diff(t1, init), "loss": [loss1, loss2],
+                  "consistency": [c1, c2]}))
+"""
+
+
+def test_mean_teacher_steps_are_the_same_on_one_and_two_replicas():
+    """Two steps (so the teacher differs from the student and the consistency
+    term has a gradient): student, teacher and losses agree between one
+    device and two logical-CPU replicas (GroupNorm, no input noise: with
+    noise each replica draws its own, by design)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, "-c", MT_REPLICA_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["moved"] > 1e-3 and out["teacher_moved"] > 1e-4, out
+    assert out["consistency"][0] > 0, out
+    np.testing.assert_allclose(out["loss"][0], out["loss"][1], rtol=1e-5)
+    np.testing.assert_allclose(out["consistency"][0], out["consistency"][1], rtol=1e-4)
+    assert out["student"] < 1e-3 * out["moved"], out
+    assert out["teacher"] < 1e-3 * out["moved"], out
