@@ -4,13 +4,13 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from nifti_factory import write
+from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "evaluate.py")
@@ -21,7 +21,7 @@ AFFINE = np.diag(list(SPACING) + [1.0])
 
 def run(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, SCRIPT, "--noprogress", *args], capture_output=True,
+    return run_logged([sys.executable, SCRIPT, "--noprogress", *args], capture_output=True,
                           text=True, env=env, timeout=120)
 
 

@@ -2,13 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from nifti_factory import ramp_volume, write
+from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "prepare_data.py")
@@ -16,7 +16,7 @@ SCRIPT = os.path.join(ROOT, "launch", "prepare_data.py")
 
 def run(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env,
+    return run_logged([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 

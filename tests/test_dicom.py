@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import dicom_factory as fac  # noqa: E402
 from rr_tf.data.dicom import is_dicom_dir, list_series, read_dicom_series  # noqa: E402
 from rr_tf.data.volume import LPS_TO_RAS  # noqa: E402
 from rr_tf.errors import DataError  # noqa: E402
+from subproc import run_logged
 
 SHAPE = (24, 20, 12)
 
@@ -414,6 +414,6 @@ def test_import_without_pydicom():
         "try:\n    d.read_dicom_series('.')\nexcept ImportError as e:\n    print('ERR', e)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    res = run_logged([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "ERR" in res.stdout and "rr_tf[dicom]" in res.stdout

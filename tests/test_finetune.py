@@ -6,7 +6,6 @@ grid, flipped or shifted disagrees with the input scan voxel by voxel."""
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -24,6 +23,7 @@ from rr_tf.predict import SegmentationModel
 from rr_tf.data.records import read_manifest
 from rr_tf.training.finetune import (FinetuneConfig, choose_labeled, load_pretrained,
                                      parse_budget, run_finetuning, validation_cases)
+from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -173,7 +173,7 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
     src = tmp_path / "scan.nii.gz"
     nifti.write_nifti(src, hu.astype(np.int16), affine)
     out = tmp_path / "seg.nii.gz"
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
                           f"--model={run}", f"--input={src}", f"--output={out}",
                           "--save_probabilities"], env=ENV, capture_output=True, text=True,
                          timeout=300)
@@ -194,7 +194,7 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
         f"m = tf.saved_model.load({str(run / 'export' / 'segmenter')!r})\n"
         f"out = m.signatures['serving_default'](volume_hu=tf.constant(np.load({str(tmp_path / 'v.npy')!r})))\n"
         f"np.save({str(tmp_path / 'p.npy')!r}, out['probabilities'].numpy())\n")
-    res = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
+    res = run_logged([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     served = np.load(tmp_path / "p.npy")
@@ -207,13 +207,13 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
 
 
 def test_infer_cli_errors(tmp_path):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
                           f"--model={tmp_path}", f"--input={tmp_path / 'none.nii.gz'}",
                           f"--output={tmp_path / 'o.nii.gz'}"], env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "no such file" in res.stderr and "Traceback" not in res.stderr
     (tmp_path / "x.nii.gz").write_bytes(b"junk")
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
                           f"--model={tmp_path}", f"--input={tmp_path / 'x.nii.gz'}",
                           f"--output={tmp_path / 'o.nii.gz'}"], env=ENV, capture_output=True,
                          text=True, timeout=120)
@@ -326,7 +326,7 @@ def test_finetuning_step_is_the_same_on_one_and_two_replicas():
     each replica must use the global sums, not its own half (which would
     change the step here by far more than rounding)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    res = subprocess.run([sys.executable, "-c", REPLICA_SCRIPT], capture_output=True, text=True,
+    res = run_logged([sys.executable, "-c", REPLICA_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

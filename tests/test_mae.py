@@ -6,7 +6,6 @@ before TensorFlow initialises)."""
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,7 @@ from rr_tf.methods.masking import global_random_masking
 from rr_tf.models.vit3d import unpatchify
 from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
+from subproc import run_logged
 
 TINY = Config(patch_size=8, transformer_dim=24, transformer_depth=2, transformer_heads=2,
               decoder_dim=12, decoder_depth=1, decoder_heads=2)
@@ -174,7 +174,7 @@ print(json.dumps({"one": one, "two": two, "fill_one": fill_one, "fill_two": fill
 def test_one_vs_two_replicas_mask_alike():
     """The noise is drawn for the global batch; each replica keeps its rows."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    res = subprocess.run([sys.executable, "-c", MASK_SCRIPT], capture_output=True, text=True,
+    res = run_logged([sys.executable, "-c", MASK_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

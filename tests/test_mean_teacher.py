@@ -4,7 +4,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 
 import keras
@@ -23,6 +22,7 @@ from rr_tf.training.finetune import (FinetuneConfig, build_model, choose_labeled
 from rr_tf.training.mean_teacher import (NOISE_CLIP, MeanTeacherTask, consistency_ramp, perturb,
                                          softmax_mse)
 from rr_tf.training.segmentation import SegmentationTask
+from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -158,7 +158,7 @@ def test_bad_values_are_one_line_config_errors(tmp_path):
         with pytest.raises(ConfigError, match=field) as err:
             dataclasses.replace(base, **{field: value}).validate()
         assert "\n" not in str(err.value) and err.value.name == field
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "finetune.py"),
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "finetune.py"),
                           f"--data_dir={tmp_path}", f"--run_dir={tmp_path / 'r'}",
                           "--consistency_weight=1", "--teacher_momentum=1.0"],
                          env=ENV, capture_output=True, text=True, timeout=120)
@@ -292,7 +292,7 @@ def test_mean_teacher_steps_are_the_same_on_one_and_two_replicas():
     device and two logical-CPU replicas (GroupNorm, no input noise: with
     noise each replica draws its own, by design)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    res = subprocess.run([sys.executable, "-c", MT_REPLICA_SCRIPT], capture_output=True, text=True,
+    res = run_logged([sys.executable, "-c", MT_REPLICA_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -14,6 +14,7 @@ from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.spec import PreprocessSpec
 from rr_tf.methods import get_method, method_names
 from rr_tf.training.pretrain import PretrainConfig, run_pretraining
+from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +113,7 @@ def test_method_resumes_after_sigkill(name, shards, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not json.load(open(run_dir / "run.json"))["finished"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = run_logged(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming at step" in res.stderr, res.stderr[-2000:]
     resumed = int(res.stderr.split("resuming at step ")[1].split()[0])

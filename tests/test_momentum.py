@@ -1,7 +1,6 @@
 """EMA helper, MomentumEncoder, Queue and their behaviour under MirroredStrategy."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -11,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from rr_tf.models import momentum as M
+from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -509,7 +509,7 @@ _TWO_REPLICAS = textwrap.dedent(
 def test_two_replica_mirrored_strategy():
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
                CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
+    proc = run_logged(
         [sys.executable, "-c", _TWO_REPLICAS], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=300,
     )

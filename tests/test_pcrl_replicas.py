@@ -6,8 +6,9 @@ before TensorFlow initialises."""
 
 import json
 import os
-import subprocess
 import sys
+
+from subproc import run_logged
 
 SCRIPT = r'''
 import json
@@ -48,7 +49,7 @@ print(json.dumps({"max_diff": max(diffs.values()), "worst": max(diffs, key=diffs
 
 def test_one_vs_two_replicas_give_the_same_weights():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+    res = run_logged([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -13,6 +13,7 @@ import pytest
 
 from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.spec import PreprocessSpec
+from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -51,7 +52,7 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     state = json.load(open(run_dir / "run.json"))
     assert not state["finished"]
 
-    res = subprocess.run(_cmd(data_dir, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
+    res = run_logged(_cmd(data_dir, run_dir), env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming at step" in res.stderr
     resumed = int(res.stderr.split("resuming at step ")[1].split()[0])
@@ -68,7 +69,7 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     assert any(f.startswith("events.out") for f in os.listdir(run_dir / "tensorboard" / "images"))
 
     # the same command on a finished run is refused with one line
-    res = subprocess.run(_cmd(data_dir, run_dir), env=ENV, capture_output=True, text=True, timeout=300)
+    res = run_logged(_cmd(data_dir, run_dir), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "finished run" in res.stderr and "Traceback" not in res.stderr
 
     # export: .keras in this process vs SavedModel in a fresh one, at another size
@@ -84,7 +85,7 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
         f"out = m.signatures['serving_default'](volume=tf.constant(np.load({str(tmp_path / 'x.npy')!r})))\n"
         f"np.savez({str(tmp_path / 'y.npz')!r}, **{{k: v.numpy() for k, v in out.items()}})\n"
         "print(json.dumps({'spec_hash': m.spec_hash.numpy().decode()}))\n")
-    res = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
+    res = run_logged([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     served = np.load(tmp_path / "y.npz")
@@ -97,7 +98,7 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
         np.testing.assert_allclose(served[key], np.asarray(value), rtol=1e-4, atol=1e-4)
 
     # launch/export.py rebuilds the method from the run directory and exports again
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"),
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "export.py"),
                           f"--run_dir={run_dir}", f"--output={tmp_path / 'exp2'}"],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -106,7 +107,7 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(value), np.asarray(direct[key]), rtol=1e-5, atol=1e-5)
 
     # HPT: a new run starts from this run's encoder
-    res = subprocess.run(_cmd(data_dir, tmp_path / "hpt", f"--init_from={run_dir}",
+    res = run_logged(_cmd(data_dir, tmp_path / "hpt", f"--init_from={run_dir}",
                               "--train_steps=3", "--noexport"),
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -123,7 +124,7 @@ def test_same_command_same_seed_gives_bit_identical_weights(data_dir, tmp_path):
 
     weights = []
     for name in ("a", "b"):
-        res = subprocess.run(_cmd(data_dir, tmp_path / name, "--train_steps=2",
+        res = run_logged(_cmd(data_dir, tmp_path / name, "--train_steps=2",
                                   "--checkpoint_every=2", "--export=false"),
                              env=ENV, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -135,7 +136,7 @@ def test_same_command_same_seed_gives_bit_identical_weights(data_dir, tmp_path):
     for key, value in weights[0].items():
         np.testing.assert_array_equal(value, weights[1][key], err_msg=key)
     # a different seed gives different weights (the comparison can fail)
-    res = subprocess.run(_cmd(data_dir, tmp_path / "c", "--train_steps=2", "--checkpoint_every=2",
+    res = run_logged(_cmd(data_dir, tmp_path / "c", "--train_steps=2", "--checkpoint_every=2",
                               "--export=false", "--seed=1"),
                          env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -5,8 +5,9 @@ TensorFlow initialises."""
 
 import json
 import os
-import subprocess
 import sys
+
+from subproc import run_logged
 
 SCRIPT = r'''
 import json, sys
@@ -49,7 +50,7 @@ print(json.dumps({"max_diff": max(diffs.values()), "floor": floor, "worst": max(
 
 def _run(contrastive, steps, eps=0.0):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    res = subprocess.run([sys.executable, "-c", SCRIPT, contrastive, str(steps), str(eps)], capture_output=True, text=True,
+    res = run_logged([sys.executable, "-c", SCRIPT, contrastive, str(steps), str(eps)], capture_output=True, text=True,
                          env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -6,7 +6,6 @@ configured before TensorFlow initialises."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ import tensorflow as tf
 from rr_tf.methods import get_method
 from rr_tf.methods.simclr import Config, SimCLR
 from rr_tf.training.optim import build_optimizer
+from subproc import run_logged
 
 TINY = Config(base_width=2, proj_dim=8, proj_hidden_dim=8)
 SHAPE = (16, 16, 16)
@@ -125,7 +125,7 @@ def test_one_vs_two_replicas_use_the_global_batch():
     Negatives taken from the local batch only would change the step by
     ~90 % (checked by hand)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+    res = run_logged([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads(res.stdout.strip().splitlines()[-1])
