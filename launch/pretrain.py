@@ -94,5 +94,6 @@ def main(argv):
 
     flagutil.run_job(__file__, job)
 
+
 if __name__ == "__main__":
     app.run(main)

@@ -3,11 +3,14 @@ children, with a native backtrace when a child crashes.
 
 A child killed by a signal (e.g. SIGSEGV inside a TensorFlow thread) shows
 only its Python frames, which do not say which native code crashed. Here the
-child may write a core file (RLIMIT_CORE raised for it alone); when it dies
-of a signal and a core file appears in its working directory, gdb (when
-installed) prints the crashing thread's native stack, which is appended to
-the child's stderr, and the core file is deleted. Nothing changes for a
-child that exits normally.
+child may write a core file: the test process raises its own soft
+RLIMIT_CORE to the hard limit, and children inherit it (a ``preexec_fn``
+would run Python between fork and exec in a process full of TensorFlow
+threads, which can deadlock). When the child dies of a signal and a core
+file appears in its working directory, gdb (when installed) prints the
+crashing thread's native stack, which is appended to the child's stderr,
+and the core file is deleted. Nothing changes for a child that exits
+normally.
 """
 
 import glob
@@ -21,7 +24,12 @@ _CORE_PATTERN = "/proc/sys/kernel/core_pattern"
 
 
 def _allow_core():
-    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    """Raises this process's soft core-size limit to the hard one (children
+    inherit it); False when the hard limit forbids core files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    return hard != 0
 
 
 def _cores_written_to_cwd():
@@ -50,8 +58,8 @@ def run_logged(cmd, **kwargs):
     native backtrace (from its core file) is appended to ``stderr``."""
     cwd = kwargs.get("cwd") or os.getcwd()
     start = time.time()
-    collect = _cores_written_to_cwd()
-    res = subprocess.run(cmd, preexec_fn=_allow_core if collect else None, **kwargs)
+    collect = _cores_written_to_cwd() and _allow_core()
+    res = subprocess.run(cmd, **kwargs)
     if res.returncode >= 0 or not collect:
         return res
     cores = [c for c in glob.glob(os.path.join(str(cwd), "core*"))
