@@ -3,7 +3,7 @@ budget, fine-tune from it (and from scratch) with a few labelled cases over
 several seeds, segment held-out phantoms, score them, and write the table
 and a plot.
 
-  python launch/experiment.py --output_dir=runs/experiment      # RepRec vs scratch, ~75 min on 2 cores
+  python launch/experiment.py --output_dir=runs/experiment      # RepRec vs scratch, ~1 h on 2 cores (measured)
   python launch/experiment.py --output_dir=runs/experiment --methods=reprec,moco,genesis
   python launch/experiment.py --output_dir=runs/exp_gpu --methods=reprec,mae,moco,simclr,\\
       genesis,pcrl,pcrlv2,pgl --num_labeled=1,2,4,8 --seeds=3 --pretrain_steps=20000 \\
@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where data, runs and results go (resumable).")
 flags.DEFINE_list("methods", ["reprec"], "Pre-training methods compared (each with its "
                   "configs/demo_<method>.flags model size); 'scratch' is always added. The "
-                  "default (RepRec vs scratch) takes an estimated 75 min on 2 CPU cores; each "
+                  "default (RepRec vs scratch) took about 61 min on 2 CPU cores (measured); each "
                   "more method adds about 40 min there.")
 flags.DEFINE_list("num_labeled", ["1", "2", "4"], "Labelled-case budgets of the fine-tunings.")
 flags.DEFINE_integer("seeds", 2, "Fine-tuning seeds per method and budget (labelled subset, "
