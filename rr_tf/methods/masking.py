@@ -10,7 +10,7 @@ keeps its own rows: 1 or N replicas mask every sample the same way.
 
 import tensorflow as tf
 
-from rr_tf.models.momentum import gather_from_replicas, replica_row_offset
+from rr_tf.models.momentum import RNG_ALG, gather_from_replicas, replica_row_offset
 from rr_tf.models.vit3d import num_visible
 
 
@@ -24,7 +24,8 @@ def global_uniform(local_batch, seed, step, dtype=tf.float32):
     start = replica_row_offset(local_batch)
     shape = tf.concat([[total], tf.shape(local_batch)[1:]], 0)
     draw = tf.random.stateless_uniform(shape, tf.stack([tf.cast(seed, tf.int32),
-                                                        tf.cast(step, tf.int32)]), dtype=dtype)
+                                                        tf.cast(step, tf.int32)]), dtype=dtype,
+                                       alg=RNG_ALG)
     return draw[start:start + local]
 
 
@@ -49,7 +50,8 @@ def global_random_masking(local_batch, num_tokens, mask_ratio, seed, step):
     total = tf.shape(gather_from_replicas(tf.zeros([local, 1])))[0]
     start = replica_row_offset(local_batch)
     noise = tf.random.stateless_uniform([total, n], tf.stack([tf.cast(seed, tf.int32),
-                                                              tf.cast(step, tf.int32)]))
+                                                              tf.cast(step, tf.int32)]),
+                                     alg=RNG_ALG)
     noise = noise[start:start + local]
     ids_shuffle = tf.argsort(noise, axis=1, stable=True)
     ids_restore = tf.argsort(ids_shuffle, axis=1, stable=True)

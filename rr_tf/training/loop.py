@@ -105,6 +105,28 @@ def restore_weights(method, checkpoint_dir):
     return latest
 
 
+def device_batches(dataset):
+    """``dataset`` without its string entries (case ids): what a compiled
+    train step receives must be numeric (XLA has no string kernels, a TPU no
+    string memory). Case ids stay in the preview batch for logging; a
+    dataset with no string entry is returned as it is."""
+    spec = dataset.element_spec
+    flat = tf.nest.flatten(spec)
+    keep = [s.dtype != tf.string for s in flat]
+    if all(keep):
+        return dataset
+    if not isinstance(spec, dict):
+        raise ConfigError("dataset", f"string entries outside a dict batch: {spec}")
+
+    def strip(item):
+        if isinstance(item, dict):
+            return {k: strip(v) for k, v in item.items()
+                    if not (isinstance(v, tf.Tensor) and v.dtype == tf.string)}
+        return item
+
+    return dataset.map(strip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def train(method, dataset, run_dir, config, preview_batch=None, hparams=None, callbacks=None):
     """Trains ``method`` (a compiled, built keras.Model with a custom
     train_step) on ``dataset`` until ``config.train_steps``.
@@ -143,7 +165,7 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None, ca
     if hparams and step == 0:
         cb.write_hparams(run_dir.tensorboard + "/hparams", hparams)
     per_epoch = config.checkpoint_every
-    history = method.fit(dataset, epochs=math.ceil(config.train_steps / per_epoch),
+    history = method.fit(device_batches(dataset), epochs=math.ceil(config.train_steps / per_epoch),
                          initial_epoch=step // per_epoch, steps_per_epoch=per_epoch,
                          callbacks=callbacks, verbose=config.verbose, shuffle=False)
     if guard.bad_step is not None:
