@@ -77,6 +77,35 @@ def test_finetune_patches_oversample_foreground_and_stay_aligned(shards):
     assert np.mean(images[labels == 0] == 1.0) < 0.01
 
 
+def _centre_classes(sampling, draws=400):
+    """Class at the centre of ``draws`` patches of a volume holding a big
+    class 1 (a slab, ~30 % of the voxels) and a tiny class 2 (a 2^3 cube)."""
+    label = np.zeros((40, 40, 20), np.uint8)
+    label[:, :12, :] = 1
+    label[30:32, 30:32, 10:12] = 2
+    image = tf.zeros(label.shape + (1,), tf.int16)
+    size = np.array([8, 8, 4])
+    fn = recipes.finetune_patch(tuple(size), fg_fraction=1.0, spatial=None, sampling=sampling)
+    centres = []
+    for i in range(draws):
+        out = fn(image, tf.constant(label), tf.constant([i, 7], tf.int32), lambda x: x)
+        lab = out["label"].numpy()
+        centres.append(int(lab[tuple(size // 2)]))
+    return np.bincount(centres, minlength=3)
+
+
+def test_class_balanced_patches_centre_every_present_class_equally():
+    counts = _centre_classes("class_balanced")
+    # each of the two present classes is the centre of about half the patches
+    # (binomial(400, 0.5): +-50 is about 5 standard deviations); never background
+    assert counts[0] == 0 and abs(counts[1] - 200) < 50 and abs(counts[2] - 200) < 50, counts
+    plain = _centre_classes("foreground")
+    # drawing any labelled voxel: the tiny cube (8 of ~9,600 voxels) is almost never the centre
+    assert plain[2] <= 5 and plain[0] == 0, plain
+    with pytest.raises(ValueError, match="sampling"):
+        recipes.finetune_patch((8, 8, 4), sampling="uniform")
+
+
 def test_corrupt_shard_is_named_or_skipped(shards, tmp_path):
     import shutil
 

@@ -42,22 +42,41 @@ def random_crop(crop_size, foreground_p=0.0, threshold=BODY_THRESHOLD_HU):
     return fn
 
 
-def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=2):
+PATCH_SAMPLING = ("class_balanced", "foreground")
+
+
+def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=2,
+                   sampling="class_balanced"):
     """Image/label patch pairs; a ``fg_fraction`` of patches is centred on a
-    random labelled voxel (as nnU-Net oversamples foreground). ``spatial``:
-    ``"default"`` = :func:`paired_spatial` (flips + small affine, the label
-    resampled with nearest neighbour), None = no augmentation (the image then
-    stays int16 HU until the stream scales the batch), or any
-    ``fn(image, label, seed) -> (image, label)``."""
+    labelled voxel, the rest are uniform random boxes. ``sampling``:
+    ``"class_balanced"`` (nnU-Net's rule) draws a class uniformly among the
+    foreground classes present in the case, then a voxel of it, so a small
+    organ is a patch centre as often as the liver; ``"foreground"`` draws
+    any labelled voxel (large organs dominate). Voxels are looked up on a
+    ``stride`` grid (cheap; a structure thinner than ``stride`` voxels may
+    be missed). ``spatial``: ``"default"`` = :func:`paired_spatial` (flips +
+    small affine, the label resampled with nearest neighbour), None = no
+    augmentation (the image then stays int16 HU until the stream scales the
+    batch), or any ``fn(image, label, seed) -> (image, label)``."""
+    if sampling not in PATCH_SAMPLING:
+        raise ValueError(f"patch sampling must be one of {PATCH_SAMPLING}, got {sampling!r}")
     if spatial == "default":
         spatial = paired_spatial
     patch_size = tuple(int(c) for c in patch_size)
 
     def fn(image, label, seed, to_unit):
-        s_coin, s_pick, s_uni, s_aug = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        s_coin, s_pick, s_uni, s_aug, s_cls = tf.unstack(
+            tf.random.experimental.stateless_split(seed, 5))
         shape = tf.shape(image)[:3]
         size = tf.constant(patch_size, tf.int32)
-        fg = tf.cast(tf.where(label[::stride, ::stride, ::stride] > 0), tf.int32) * stride
+        grid = label[::stride, ::stride, ::stride]
+        fg = tf.cast(tf.where(grid > 0), tf.int32)
+        if sampling == "class_balanced":
+            classes, index = tf.unique(tf.gather_nd(grid, fg))
+            k_cls = tf.random.stateless_uniform([], s_cls, 0, tf.maximum(tf.size(classes), 1),
+                                                dtype=tf.int32)
+            fg = tf.boolean_mask(fg, tf.equal(index, k_cls))
+        fg = fg * stride
         n = tf.shape(fg)[0]
 
         def centred():

@@ -36,6 +36,7 @@ from rr_tf.training.segmentation import SegmentationTask, Validation, _read_best
 _DATA_RESEED = 1_000_003
 _UNLABELLED_RESEED = 7_919  # the unlabelled stream's seed offset (apart from the labelled one)
 SEGMENTER_CHOICES = ("auto", "unet", "hybrid", "unetr", "slice2d")
+LARGEST_COMPONENT = ("auto", "none", "all")
 
 
 def _default(value):
@@ -61,12 +62,14 @@ class FinetuneConfig(RunSettings):
     weight_decay: float = _default(FINETUNE_DEFAULTS["weight_decay"])
     keep_checkpoints: int = _default(FINETUNE_DEFAULTS["keep_checkpoints"])
     fg_fraction: float = 1.0 / 3.0
+    patch_sampling: str = "class_balanced"   # class_balanced | foreground (recipes.PATCH_SAMPLING)
     freeze_encoder_steps: int = 0
     class_weights: tuple | None = None
     val_every: int = 100
     val_overlap: float = 0.5
     val_window_batch: int = 2
     val_cases: int = 0               # validation volumes used (0 = every labelled val case)
+    largest_component: str = "auto"  # auto (chosen per class on validation) | none | all
     # semi-supervised mean teacher (rr_tf.training.mean_teacher); 0 = off
     consistency_weight: float = 0.0
     consistency_rampup_steps: int = 0    # sigmoid ramp-up of the weight (0 = none)
@@ -88,8 +91,14 @@ class FinetuneConfig(RunSettings):
         self.validate_run()
         if self.freeze_encoder_steps >= self.train_steps and self.freeze_encoder_steps:
             raise ConfigError("freeze_encoder_steps", "must be smaller than train_steps")
+        if self.patch_sampling not in recipes.PATCH_SAMPLING:
+            raise ConfigError("patch_sampling", f"must be one of {recipes.PATCH_SAMPLING}, got "
+                              f"{self.patch_sampling!r}")
         if not 0.0 <= self.fg_fraction <= 1.0:
             raise ConfigError("fg_fraction", "must be in [0, 1]")
+        if self.largest_component not in LARGEST_COMPONENT:
+            raise ConfigError("largest_component", f"must be one of {LARGEST_COMPONENT}, got "
+                              f"{self.largest_component!r}")
         if not 0.0 <= self.val_overlap < 1.0:
             raise ConfigError("val_overlap", "must be in [0, 1)")
         parse_budget(self.num_labeled)
@@ -281,6 +290,30 @@ def validation_cases(data_dir, spec, limit=0):
     return out
 
 
+def choose_postprocessing(mode, validation, val_cases, labels, run, log):
+    """The classes whose largest connected component alone is kept at
+    inference: ``all``, ``none``, or (``auto``) those for which it raised
+    the final segmenter's validation Dice (``RUN_DIR/postprocess.json``
+    records the per-class Dice with and without)."""
+    from rr_tf.postprocess import choose_classes
+
+    if mode == "all":
+        return list(labels)
+    if mode == "none":
+        return []
+    if validation is None:
+        log("largest-component postprocessing: no validation case to choose it on; off")
+        return []
+    chosen, table = choose_classes(validation.predictions(), [c["label"] for c in val_cases],
+                                   labels)
+    run.write_json("postprocess.json", {
+        "largest_component": chosen, "validation_cases": [c["case_id"] for c in val_cases],
+        "dice_without_with": {str(c): list(v) for c, v in table.items()}})
+    log(f"largest-component postprocessing chosen on {len(val_cases)} validation case(s) for "
+        f"classes {chosen or 'none'}; details in {run.path}/postprocess.json")
+    return chosen
+
+
 def run_finetuning(config, log=None):
     """Runs (or resumes) a fine-tuning; returns the final metrics dict."""
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -334,7 +367,8 @@ def run_finetuning(config, log=None):
         f"{'from ' + config.pretrained if config.pretrained else 'from scratch'}")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
                           seed=config.seed + _DATA_RESEED * step0, case_ids=tuple(labelled))
-    recipe = recipes.finetune_patch(config.crop_size, fg_fraction=config.fg_fraction)
+    recipe = recipes.finetune_patch(config.crop_size, fg_fraction=config.fg_fraction,
+                                    sampling=config.patch_sampling)
     dataset, _ = view_dataset(config.data_dir, "train", recipe, stream, labelled=True)
     dataset = dataset.map(lambda b: {"image": b["image"], "label": b["label"]})
     if config.mean_teacher:
@@ -378,10 +412,12 @@ def run_finetuning(config, log=None):
     val_cases = validation_cases(config.data_dir, spec, config.val_cases)
     extra = []
     labels = list(range(1, num_classes))
+    validation = None
     if val_cases:
-        extra.append(Validation(val_cases, config.crop_size, config.val_every,
+        validation = Validation(val_cases, config.crop_size, config.val_every,
                                 os.path.join(run.path, "best"), run.tensorboard + "/validation",
-                                labels, config.val_overlap, config.val_window_batch, log=log))
+                                labels, config.val_overlap, config.val_window_batch, log=log)
+        extra.append(validation)
     else:
         log("no labelled validation case: no validation, the last weights are exported")
     hparams = dict(kind=kind, num_classes=num_classes, num_labeled=len(labelled),
@@ -405,13 +441,16 @@ def run_finetuning(config, log=None):
     best = _read_best(os.path.join(run.path, "best"))
     if best is not None:
         segmenter.load_weights(os.path.join(run.path, "best", "segmenter.weights.h5"))
+    components = choose_postprocessing(config.largest_component, validation, val_cases, labels,
+                                       run, log)
     metrics = dict(result["metrics"], step=result["step"], spec_hash=spec.hash, kind=kind,
-                   best=best, labelled_cases=labelled, mode=mode)
+                   best=best, labelled_cases=labelled, mode=mode, largest_component=components)
     run.write_metrics(metrics)
     if config.export:
         from rr_tf.export import export_segmenter
 
         paths = export_segmenter(segmenter, run.export, spec, window=tuple(config.crop_size),
-                                 overlap=config.val_overlap, sample=preview["image"][:1])
+                                 overlap=config.val_overlap, sample=preview["image"][:1],
+                                 largest_component=components)
         log(f"exported the {'best' if best else 'last'} segmenter: {paths[0]} and {paths[1]}")
     return metrics
