@@ -121,12 +121,16 @@ class _SegmentationServing(tf.Module):
         return {"labels": tf.cast(tf.argmax(probs, axis=-1), tf.uint8), "probabilities": probs}
 
 
-def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None):
+def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None,
+                     largest_component=()):
     """Writes ``segmenter.keras`` and the SavedModel ``segmenter/`` whose
     ``serving_default`` takes a float32 HU volume [D, H, W] of any size on
     the spec's grid (stored orientation and spacing) and returns
     ``labels`` (uint8 [D, H, W]) and ``probabilities`` (sliding-window
-    inference with the training window inside). Returns the two paths."""
+    inference with the training window inside; no postprocessing).
+    ``largest_component``: the classes whose largest connected component
+    alone ``launch/infer.py`` keeps by default (``segmenter.json``).
+    Returns the two paths."""
     os.makedirs(export_dir, exist_ok=True)
     if sample is not None:
         model(sample, training=False)
@@ -140,7 +144,8 @@ def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None):
     os.replace(spec_path + ".tmp", spec_path)
     with open(os.path.join(export_dir, "segmenter.json") + ".tmp", "w") as f:
         json.dump({"window": list(window), "overlap": overlap, "num_classes": model.num_classes,
-                   "spec_hash": spec.hash}, f, indent=1)
+                   "spec_hash": spec.hash,
+                   "largest_component": [int(c) for c in largest_component]}, f, indent=1)
     os.replace(os.path.join(export_dir, "segmenter.json") + ".tmp",
                os.path.join(export_dir, "segmenter.json"))
     saved = os.path.join(export_dir, "segmenter")

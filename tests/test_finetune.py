@@ -185,6 +185,18 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
     # the Python API gives the same map
     direct, _ = SegmentationModel.load(str(run)).segment(nifti.read_nifti(str(src)))
     np.testing.assert_array_equal(seg.array, direct)
+    # resampled grid: the label is the argmax of the linearly resampled probabilities
+    plain, probs = SegmentationModel.load(str(run)).segment(
+        nifti.read_nifti(str(src)), probabilities=True, largest_component=[])
+    top = np.sort(probs, axis=-1)
+    clear = top[..., -1] - top[..., -2] > 1e-6  # ties aside
+    np.testing.assert_array_equal(plain[clear], np.argmax(probs, axis=-1)[clear])
+    # the largest-component choice was made on the validation case and travels in the export
+    post = json.load(open(run / "postprocess.json"))
+    exported = json.load(open(run / "export" / "segmenter.json"))
+    assert exported["largest_component"] == post["largest_component"] == more["largest_component"]
+    assert set(post["dice_without_with"]) == {str(c) for c in range(1, 11)}
+    assert set(post["largest_component"]) <= set(range(1, 11))
 
     # the SavedModel (sliding window inside) in a fresh process = the Keras model
     stored = np.random.default_rng(0).uniform(-1000, 1000, (20, 18, 24)).astype("float32")

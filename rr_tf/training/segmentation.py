@@ -156,18 +156,23 @@ class Validation(keras.callbacks.Callback):
         self.best = _read_best(best_dir)
         self.last = None
 
-    def evaluate(self):
-        from rr_tf import metrics
+    def predictions(self, segmenter=None):
+        """Label maps of the validation volumes (sliding window, argmax) by
+        ``segmenter`` (default: the model's), in the order of ``cases``."""
         from rr_tf.inference import keras_predict_fn, sliding_window_inference
 
-        predict = keras_predict_fn(self.model.segmenter)
-        per_case = {}
-        for case in self.cases:
-            probs = sliding_window_inference(case["image"], predict, self.window,
-                                             overlap=self.overlap, window_batch=self.window_batch)
-            pred = np.argmax(probs, axis=-1)
-            per_case[case["case_id"]] = metrics.evaluate_case(pred, case["label"], case["spacing"],
-                                                              self.labels)
+        predict = keras_predict_fn(segmenter or self.model.segmenter)
+        return [np.argmax(sliding_window_inference(case["image"], predict, self.window,
+                                                   overlap=self.overlap,
+                                                   window_batch=self.window_batch), axis=-1)
+                for case in self.cases]
+
+    def evaluate(self):
+        from rr_tf import metrics
+
+        per_case = {case["case_id"]: metrics.evaluate_case(pred, case["label"], case["spacing"],
+                                                           self.labels)
+                    for case, pred in zip(self.cases, self.predictions())}
         return metrics.aggregate(per_case, self.labels)
 
     def _run(self):
