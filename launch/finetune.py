@@ -29,6 +29,7 @@ flagutil.quiet_tensorflow()
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Labelled shards + manifest.json (launch/prepare_data.py).")
 flags.DEFINE_string("run_dir", None, "Run directory (created; an existing one is resumed).")
+flagutil.define_phantom_flags()
 flags.DEFINE_string("pretrained", None, "Pre-training run directory, export directory or .keras "
                     "file to start from (absent = from scratch).")
 flags.DEFINE_list("parts", None, "Load only these parts of --pretrained (unet, hybrid, vit, unet2d).")
@@ -50,8 +51,12 @@ flagutil.define_run_flags(FINETUNE_DEFAULTS, helps=dict(
     seed="Seed of weights, the labelled subset and the data stream."))
 flags.DEFINE_string("num_labeled", "all", "Labelled training cases used: 'all', a count N or a "
                     "fraction in (0, 1); chosen reproducibly by --seed.")
-flags.DEFINE_float("fg_fraction", 1.0 / 3.0, "Fraction of patches centred on a labelled voxel.",
-                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("fg_fraction", 1.0 / 3.0, "Fraction of patches centred on a labelled voxel "
+                   "(the rest are uniform random boxes).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("patch_sampling", "class_balanced", ["class_balanced", "foreground"],
+                  "How the --fg_fraction patches pick their centre: class_balanced = a class drawn "
+                  "uniformly among the organs present in the case, then a voxel of it (nnU-Net); "
+                  "foreground = any labelled voxel (large organs dominate).")
 flags.DEFINE_integer("freeze_encoder_steps", 0, "Keep the pre-trained encoder frozen for the "
                      "first N steps.", lower_bound=0)
 flags.DEFINE_list("class_weights", None, "Cross-entropy weight per class (background first).")
@@ -62,6 +67,10 @@ flags.DEFINE_float("val_overlap", 0.5, "Sliding-window overlap for validation an
 flags.DEFINE_integer("val_window_batch", 2, "Windows per forward pass in validation.", lower_bound=1)
 flags.DEFINE_integer("val_cases", 0, "Validation volumes used (the first N labelled val cases of "
                      "the manifest; 0 = all).", lower_bound=0)
+flags.DEFINE_enum("largest_component", "auto", ["auto", "none", "all"], "Postprocessing the "
+                  "export applies by default (launch/infer.py --largest_component overrides): keep "
+                  "only each class's largest connected component for auto = the classes where "
+                  "that raised the final validation Dice (RUN_DIR/postprocess.json), all, none.")
 flags.DEFINE_float("consistency_weight", 0.0, "Semi-supervised mean teacher: weight of the "
                    "consistency loss (MSE between the student's and the EMA teacher's softmax on "
                    "patches of the training cases outside --num_labeled); 0 = off.",
@@ -95,14 +104,17 @@ def main(argv):
             parts=tuple(FLAGS.parts) if FLAGS.parts else None,
             allow_spec_mismatch=FLAGS.allow_spec_mismatch, segmenter=FLAGS.segmenter,
             segmenter_args=args, num_labeled=FLAGS.num_labeled, fg_fraction=FLAGS.fg_fraction,
+            patch_sampling=FLAGS.patch_sampling,
             freeze_encoder_steps=FLAGS.freeze_encoder_steps, class_weights=weights,
             val_every=FLAGS.val_every, val_overlap=FLAGS.val_overlap,
             val_window_batch=FLAGS.val_window_batch, val_cases=FLAGS.val_cases,
+            largest_component=FLAGS.largest_component,
             consistency_weight=FLAGS.consistency_weight,
             consistency_rampup_steps=FLAGS.consistency_rampup_steps,
             teacher_momentum=FLAGS.teacher_momentum,
             unlabelled_batch_size=FLAGS.unlabelled_batch_size,
             consistency_noise=FLAGS.consistency_noise, **flagutil.run_settings(__file__))
+        flagutil.ensure_phantom_data(FLAGS.data_dir)
         run_finetuning(config)
 
     flagutil.run_job(__file__, job)

@@ -44,6 +44,44 @@ def register_numbers_validator(name, count, cast=float, positive=False, allow=()
     flags.register_validator(name, check)
 
 
+def define_phantom_flags():
+    """--prepare_phantom_if_missing / --phantom_spacing / --phantom_seed of
+    the training launchers (their demos generate the embedded data)."""
+    flags.DEFINE_integer("prepare_phantom_if_missing", 0, "If --data_dir holds no manifest, first "
+                         "generate this many phantom cases there (0 = fail instead).",
+                         lower_bound=0)
+    flags.DEFINE_string("phantom_spacing", "3,3,3", "Spacing (mm) of phantoms made by "
+                        "--prepare_phantom_if_missing.")
+    flags.DEFINE_integer("phantom_seed", 0, "Data seed of phantoms made by "
+                         "--prepare_phantom_if_missing (cases and train/val split).")
+    register_numbers_validator("phantom_spacing", 3, positive=True)
+
+
+def ensure_phantom_data(data_dir):
+    """Nothing when ``data_dir`` holds a manifest; else generates the
+    phantom shards of --prepare_phantom_if_missing there, or raises
+    ValueError naming --data_dir."""
+    from rr_tf.data import records
+
+    if os.path.exists(records.manifest_path(data_dir)):
+        return
+    count = flags.FLAGS.prepare_phantom_if_missing
+    if not count:
+        raise ValueError(f"--data_dir={data_dir}: no manifest.json here; run "
+                         "launch/prepare_data.py first (or pass --prepare_phantom_if_missing=N)")
+    from rr_tf.data.prepare import PrepareConfig, prepare
+    from rr_tf.data.spec import PreprocessSpec
+
+    spacing = parse_numbers(flags.FLAGS.phantom_spacing, 3)
+    print(f"{data_dir}: no data yet; generating {count} phantom cases first "
+          f"({spacing[0]:g}x{spacing[1]:g}x{spacing[2]:g} mm)", file=sys.stderr)
+    result = prepare(PrepareConfig(source="phantom", output_dir=data_dir, num_cases=count,
+                                   seed=flags.FLAGS.phantom_seed,
+                                   spec=PreprocessSpec(spacing=spacing)))
+    if not result.ok:
+        raise ValueError(f"--data_dir={data_dir}: phantom generation failed")
+
+
 def fail(script, message, code=2):
     """Prints one line ``script: error: message`` to stderr and exits."""
     print(f"{os.path.basename(script)}: error: {message}", file=sys.stderr)

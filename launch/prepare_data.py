@@ -59,8 +59,20 @@ flags.DEFINE_boolean("dicom_all_series", False, "Make one case per series when a
 flags.DEFINE_string("patient_table", None, "CSV with columns case_id,patient_id linking scans of "
                     "one patient (patient-level split, MICLe pairs). Default: one patient per case.")
 flags.DEFINE_boolean("progress", True, "Show a progress line.")
+flags.DEFINE_string("write_nifti", None, "--source=phantom only: also write the phantom cases "
+                    "(the same seeds as their shards) as NIfTI pairs DIR/images/<case>.nii.gz and "
+                    "DIR/labels/<case>.nii.gz on their native grid, to view them or score "
+                    "launch/infer.py + launch/evaluate.py on them. Without --output_dir only the "
+                    "NIfTI pairs are written.")
 
-flags.mark_flags_as_required(["source", "output_dir"])
+flags.mark_flags_as_required(["source"])
+flags.register_multi_flags_validator(
+    ["output_dir", "write_nifti", "source"],
+    lambda f: bool(f["output_dir"]) or (bool(f["write_nifti"]) and f["source"] == "phantom"),
+    "--output_dir is required (only --source=phantom with --write_nifti may leave it out)")
+flags.register_multi_flags_validator(
+    ["write_nifti", "source"], lambda f: not f["write_nifti"] or f["source"] == "phantom",
+    "--write_nifti needs --source=phantom")
 flagutil.register_numbers_validator("spacing", 3, positive=True, allow=("native",))
 flagutil.register_numbers_validator("hu_window", 2)
 flagutil.register_numbers_validator("phantom_shape", 3, cast=int, positive=True)
@@ -85,12 +97,41 @@ def build_spec():
                           foreground_margin_mm=FLAGS.foreground_margin_mm)
 
 
+def write_phantom_pairs():
+    """The phantom cases of --num_cases/--seed/--phantom_shape as NIfTI
+    pairs in --write_nifti (each file written under a temporary name, then
+    renamed); existing pairs are kept."""
+    from rr_tf.data.phantom import PhantomConfig, generate_phantom, write_phantom_nifti
+    from rr_tf.data.sources import phantom_tasks
+    from rr_tf.errors import RrTfError
+
+    shape = flagutil.parse_numbers(FLAGS.phantom_shape, 3, int)
+    written = 0
+    for task in phantom_tasks(FLAGS.num_cases, FLAGS.seed, shape):
+        done = all(os.path.exists(os.path.join(FLAGS.write_nifti, sub, task.case_id + ".nii.gz"))
+                   for sub in ("images", "labels"))
+        if done:
+            continue
+        try:
+            write_phantom_nifti(generate_phantom(task.seed, PhantomConfig(shape=tuple(shape))),
+                                FLAGS.write_nifti, task.case_id)
+        except RrTfError as err:
+            flagutil.fail(__file__, str(err))
+        written += 1
+    print(f"NIfTI pairs: {written} written, {FLAGS.num_cases - written} already there, in "
+          f"{FLAGS.write_nifti}/images and {FLAGS.write_nifti}/labels", file=sys.stderr)
+
+
 def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
     from rr_tf.errors import RrTfError
     from rr_tf.data.prepare import PrepareConfig, prepare
 
+    if FLAGS.write_nifti:
+        write_phantom_pairs()
+        if not FLAGS.output_dir:
+            sys.exit(0)
     try:
         config = PrepareConfig(
             source=FLAGS.source, output_dir=FLAGS.output_dir, spec=build_spec(),

@@ -28,10 +28,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", None, list(method_names()), "Pre-training method.")
 flags.DEFINE_string("data_dir", None, "Shards + manifest.json made by launch/prepare_data.py.")
 flags.DEFINE_string("run_dir", None, "Run directory (created; an existing one is resumed).")
-flags.DEFINE_integer("prepare_phantom_if_missing", 0, "If --data_dir holds no manifest, first "
-                     "generate this many phantom cases there (0 = fail instead).", lower_bound=0)
-flags.DEFINE_string("phantom_spacing", "3,3,3", "Spacing (mm) of phantoms made by "
-                    "--prepare_phantom_if_missing.")
+flagutil.define_phantom_flags()
 # --- schedule, hardware, monitoring, checkpoints: shared with launch/finetune.py
 flagutil.define_run_flags(helps=dict(
     crop_size="Crop size D,H,W in voxels (each a multiple of 16 for RepRec's stride-16 tokens).",
@@ -48,34 +45,12 @@ flags.DEFINE_string("init_from", None, "Start from the weights of this run direc
 METHOD_FLAGS = flagutil.define_config_flags({m: get_method(m).Config for m in method_names()})
 
 flags.mark_flags_as_required(["method", "data_dir", "run_dir"])
-flagutil.register_numbers_validator("phantom_spacing", 3, positive=True)
 
 
 def method_config(cls):
     """The method's Config: its published defaults, overridden by the
     hyper-parameter flags given (a flag of another method is an error)."""
     return flagutil.config_from_flags(FLAGS.method, cls.Config, METHOD_FLAGS)
-
-
-def ensure_data():
-    from rr_tf.data import records
-
-    if os.path.exists(records.manifest_path(FLAGS.data_dir)):
-        return
-    if not FLAGS.prepare_phantom_if_missing:
-        raise ValueError(f"--data_dir={FLAGS.data_dir}: no manifest.json here; run "
-                         "launch/prepare_data.py first (or pass --prepare_phantom_if_missing=N)")
-    from rr_tf.data.prepare import PrepareConfig, prepare
-    from rr_tf.data.spec import PreprocessSpec
-
-    print(f"{FLAGS.data_dir}: no data yet; generating {FLAGS.prepare_phantom_if_missing} phantom "
-          "cases first", file=sys.stderr)
-    result = prepare(PrepareConfig(source="phantom", output_dir=FLAGS.data_dir,
-                                   num_cases=FLAGS.prepare_phantom_if_missing, seed=FLAGS.seed,
-                                   spec=PreprocessSpec(spacing=flagutil.parse_numbers(
-                                       FLAGS.phantom_spacing, 3))))
-    if not result.ok:
-        raise ValueError(f"--data_dir={FLAGS.data_dir}: phantom generation failed")
 
 
 def main(argv):
@@ -89,7 +64,7 @@ def main(argv):
             method=FLAGS.method, data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir,
             method_config=method_config(cls), pairing=FLAGS.pairing, init_from=FLAGS.init_from,
             **flagutil.run_settings(__file__, sorted(METHOD_FLAGS)))
-        ensure_data()
+        flagutil.ensure_phantom_data(FLAGS.data_dir)
         run_pretraining(config)
 
     flagutil.run_job(__file__, job)

@@ -30,6 +30,9 @@ def run(*args):
     (["--source=/no/such/dir", "--output_dir=X"], "source: '/no/such/dir' is neither"),
     (["--source=phantom", "--output_dir=X", "--spec=/no/spec.json"], "--spec=/no/spec.json"),
     (["--source=phantom", "--output_dir=X", "--spec=a.json", "--spacing=1,1,1"], "--spec excludes"),
+    (["--source=phantom"], "--output_dir is required"),
+    (["--source=/tmp", "--write_nifti=X"], "--output_dir is required"),
+    (["--source=/tmp", "--output_dir=X", "--write_nifti=X"], "--write_nifti needs --source=phantom"),
 ])
 def test_invalid_flags_fail_fast_with_a_clear_line(tmp_path, args, needle):
     args = [a.replace("X", str(tmp_path / "out")) for a in args]
@@ -64,3 +67,34 @@ def test_nifti_folder_run_rerun_and_bad_case(tmp_path):
     res = run(*common, "--skip_bad")
     assert res.returncode == 0, res.stderr
     assert len(json.load(open(out / "manifest.json"))["bad_cases"]) == 1
+
+
+def test_write_nifti_gives_the_phantom_cases_as_viewable_pairs(tmp_path):
+    """The NIfTI pairs are the same phantoms (seeds) the shards hold; other
+    --seed values give other phantoms (held-out sets); a second run keeps
+    what is there."""
+    import nibabel as nib
+
+    from rr_tf.data.phantom import PhantomConfig, generate_phantom
+    from rr_tf.data.sources import phantom_tasks
+
+    out = tmp_path / "nifti"
+    args = ["--source=phantom", "--num_cases=2", "--phantom_shape=32,32,24", "--seed=3",
+            f"--write_nifti={out}"]
+    res = run(*args)
+    assert res.returncode == 0, res.stderr
+    assert "2 written" in res.stderr and not (tmp_path / "shards").exists()
+    tasks = phantom_tasks(2, 3, (32, 32, 24))
+    for task in tasks:
+        img = nib.load(out / "images" / f"{task.case_id}.nii.gz")
+        lab = nib.load(out / "labels" / f"{task.case_id}.nii.gz")
+        ph = generate_phantom(task.seed, PhantomConfig(shape=(32, 32, 24)))
+        np.testing.assert_array_equal(np.asarray(img.dataobj), ph.image)
+        np.testing.assert_array_equal(np.asarray(lab.dataobj), ph.labels)
+        np.testing.assert_allclose(img.affine, ph.affine)
+        assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+    other = phantom_tasks(2, 4, (32, 32, 24))
+    assert not {t.seed for t in tasks} & {t.seed for t in other}
+    again = run(*args)
+    assert again.returncode == 0 and "0 written, 2 already there" in again.stderr
+    assert not [n for n in os.listdir(out / "images") if n.startswith(".")]
