@@ -114,6 +114,7 @@ def main(argv):
             teacher_momentum=FLAGS.teacher_momentum,
             unlabelled_batch_size=FLAGS.unlabelled_batch_size,
             consistency_noise=FLAGS.consistency_noise, **flagutil.run_settings(__file__))
+        config.validate()  # bad flag values are named before any data is generated
         flagutil.ensure_phantom_data(FLAGS.data_dir)
         run_finetuning(config)
 
