@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from rr_tf.data.preprocess import preprocess_case, restore_original_grid
+from rr_tf.data.preprocess import exact_grid_map, preprocess_case, restore_original_grid
 from rr_tf.data.spec import PreprocessSpec
 from rr_tf.errors import ConfigError
 from rr_tf.inference import keras_predict_fn, sliding_window_inference
@@ -86,19 +86,22 @@ class SegmentationModel:
             tta=tta, pad_value=float(self.to_unit(np.array([-1000], np.int16))[0]),
             progress=progress)
         original = case.meta["original"]
-        chans = [] if probabilities else None
-        out = best = None
-        for c in range(probs.shape[-1]):
-            p = restore_original_grid(probs[..., c], case.affine, original["affine"],
-                                      original["shape"], order=1, cval=1.0 if c == 0 else 0.0)
-            p = p.astype(np.float32)
-            if out is None:
-                out, best = np.zeros(p.shape, np.uint8), p.copy()
-            else:
-                better = p > best
-                out[better], best[better] = c, p[better]
-            if probabilities:
-                chans.append(p)
+        restore = lambda a, order, cval: restore_original_grid(  # noqa: E731
+            a, case.affine, original["affine"], original["shape"], order=order, cval=cval)
+        resampled = exact_grid_map(case.affine, original["affine"]) is None
+        chans = [restore(probs[..., c], 1, 1.0 if c == 0 else 0.0).astype(np.float32)
+                 for c in range(probs.shape[-1])] if probabilities else None
+        if not resampled:  # exact grid map: the label map moves as it is
+            out = restore(np.argmax(probs, axis=-1).astype(np.uint8), 0, 0)
+        else:  # argmax of the resampled probabilities, one class at a time
+            out = best = None
+            for c in range(probs.shape[-1]):
+                p = chans[c] if chans else restore(probs[..., c], 1, 1.0 if c == 0 else 0.0)
+                if out is None:
+                    out, best = np.zeros(p.shape, np.uint8), np.array(p, np.float32)
+                else:
+                    better = p > best
+                    out[better], best[better] = c, p[better]
         full = np.stack(chans, axis=-1) if probabilities else None
         classes = self.largest_component if largest_component is None else largest_component
         if classes:

@@ -252,16 +252,27 @@ def restore_original_grid(array, affine, original_affine, original_shape, order=
     without a body crop); otherwise interpolates with spline ``order``
     (0 = nearest, for label maps). Voxels outside the stored grid get ``cval``.
     """
-    original_affine = np.asarray(original_affine, float)
-    t = np.linalg.solve(np.asarray(affine, float), original_affine)  # orig voxel -> stored voxel
     original_shape = tuple(int(s) for s in original_shape)
-    perm = _signed_permutation(t[:3, :3])
+    exact = exact_grid_map(affine, original_affine)
+    if exact is not None:
+        return _permute_shift(array, exact[0], exact[1], original_shape, cval)
+    t = np.linalg.solve(np.asarray(affine, float), np.asarray(original_affine, float))
     offset = t[:3, 3]
-    if perm is not None and np.allclose(offset, np.rint(offset), atol=1e-4):
-        return _permute_shift(array, perm, np.rint(offset).astype(int), original_shape, cval)
     return ndimage.affine_transform(array, t[:3, :3], offset=offset, output_shape=original_shape,
                                     order=order, mode="constant", cval=cval,
                                     prefilter=order > 1)
+
+
+def exact_grid_map(affine, original_affine):
+    """``(signed permutation, integer offset)`` taking original voxels to
+    stored ones when the two grids differ only by axis order, flips and an
+    integer shift (restoring is then exact, no interpolation); else None."""
+    t = np.linalg.solve(np.asarray(affine, float), np.asarray(original_affine, float))
+    perm = _signed_permutation(t[:3, :3])
+    offset = t[:3, 3]
+    if perm is None or not np.allclose(offset, np.rint(offset), atol=1e-4):
+        return None
+    return perm, np.rint(offset).astype(int)
 
 
 def _permute_shift(array, perm, offset, out_shape, cval):

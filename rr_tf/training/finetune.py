@@ -304,8 +304,9 @@ def choose_postprocessing(mode, validation, val_cases, labels, run, log):
     if validation is None:
         log("largest-component postprocessing: no validation case to choose it on; off")
         return []
-    chosen, table = choose_classes(validation.predictions(), [c["label"] for c in val_cases],
-                                   labels)
+    # the best weights' predictions when this process found them, else (a resumed run) anew
+    preds = validation.best_predictions or validation.predictions()
+    chosen, table = choose_classes(preds, [c["label"] for c in val_cases], labels)
     run.write_json("postprocess.json", {
         "largest_component": chosen, "validation_cases": [c["case_id"] for c in val_cases],
         "dice_without_with": {str(c): list(v) for c, v in table.items()}})

@@ -154,33 +154,37 @@ class Validation(keras.callbacks.Callback):
         self.window_batch, self.log = window_batch, log
         self.writer = tf.summary.create_file_writer(logdir)
         self.best = _read_best(best_dir)
+        self.best_predictions = None  # of the best weights, when found in this process
         self.last = None
 
-    def predictions(self, segmenter=None):
-        """Label maps of the validation volumes (sliding window, argmax) by
-        ``segmenter`` (default: the model's), in the order of ``cases``."""
+    def predictions(self):
+        """Label maps (uint8) of the validation volumes by the model's
+        segmenter (sliding window, argmax), in the order of ``cases``."""
         from rr_tf.inference import keras_predict_fn, sliding_window_inference
 
-        predict = keras_predict_fn(segmenter or self.model.segmenter)
+        predict = keras_predict_fn(self.model.segmenter)
         return [np.argmax(sliding_window_inference(case["image"], predict, self.window,
                                                    overlap=self.overlap,
-                                                   window_batch=self.window_batch), axis=-1)
+                                                   window_batch=self.window_batch),
+                          axis=-1).astype(np.uint8)
                 for case in self.cases]
 
     def evaluate(self):
+        """(summary, predictions) of the current weights."""
         from rr_tf import metrics
 
+        preds = self.predictions()
         per_case = {case["case_id"]: metrics.evaluate_case(pred, case["label"], case["spacing"],
                                                            self.labels)
-                    for case, pred in zip(self.cases, self.predictions())}
-        return metrics.aggregate(per_case, self.labels)
+                    for case, pred in zip(self.cases, preds)}
+        return metrics.aggregate(per_case, self.labels), preds
 
     def _run(self):
         step = _step(self.model)
         if step == self.last:
             return
         self.last = step
-        summary = self.evaluate()
+        summary, preds = self.evaluate()
         mean = summary["overall"]["dice_class_mean"]
         with self.writer.as_default(step=step):
             tf.summary.scalar("val/mean_dice", mean)
@@ -196,6 +200,7 @@ class Validation(keras.callbacks.Callback):
             self.best = {"step": step, "mean_dice": mean,
                          "per_class": {str(k): v["dice_mean"] for k, v in summary["classes"].items()}}
             _write_best(self.best_dir, self.model.segmenter, self.best)
+            self.best_predictions = preds  # the postprocessing choice reuses them
 
     def on_train_batch_end(self, batch, logs=None):
         if _step(self.model) % self.every == 0:
