@@ -66,11 +66,7 @@ class SegmentationModel:
 
     def to_unit(self, stored):
         """Stored int16 HU (spec grid) -> float32 network input."""
-        x = stored.astype(np.float32)
-        if self.spec.scaling != "unit":
-            return x
-        lo, hi = self.spec.hu_window
-        return (np.clip(x, lo, hi) - lo) / (hi - lo)
+        return np.asarray(self.spec.scale(stored.astype(np.float32)), np.float32)
 
     def segment(self, image, case_id="case", overlap=None, window_batch=2, tta=False,
                 probabilities=False, progress=None, largest_component=None):

@@ -220,3 +220,38 @@ def test_non_local_output_dir_through_gfile(tmp_path):
     assert sorted(c["case_id"] for c in records.iterate_cases(out)) == sorted(CASES)
     assert prepare(_config(img_dir, out, lab_dir)).up_to_date
     assert not [n for n in records.gfile().listdir(out) if ".tmp-" in n]
+
+
+def test_manifest_carries_the_training_foreground_intensity_statistics(tmp_path):
+    """nnU-Net's CT normalisation statistics: percentiles, mean and std of the
+    labelled voxels of the training split (every voxel here: < 10,000)."""
+    img_dir, lab_dir, _ = _make_folder(tmp_path)
+    out = tmp_path / "shards"
+    prepare(_config(img_dir, out, lab_dir, val_fraction=0.34))
+    manifest = records.read_manifest(out)
+    train = {c["case_id"] for c in manifest["cases"] if c["split"] == "train"}
+    values = np.concatenate([case["image"][case["label"] > 0].ravel()
+                             for case in records.iterate_cases(out) if case["case_id"] in train])
+    props = manifest["intensity_properties"]
+    assert props["num_voxels"] == values.size and props["num_cases"] == len(train) == 2
+    np.testing.assert_allclose([props["percentile_00_5"], props["percentile_99_5"],
+                                props["mean"], props["std"]],
+                               [*np.percentile(values, [0.5, 99.5]), values.mean(), values.std()],
+                               rtol=1e-9)
+    spec = manifest["spec_obj"].with_normalization("ct", props)
+    assert abs(spec.scale(np.array([props["mean"]]))[0]) < 1e-9
+    # unlabelled data: no statistics, and the CT scheme says why
+    out2 = tmp_path / "unlabelled"
+    prepare(_config(img_dir, out2))
+    assert records.read_manifest(out2)["intensity_properties"] is None
+
+
+def test_sampled_foreground_is_bounded_and_seeded():
+    from rr_tf.data.prepare import foreground_sample
+
+    image = np.arange(100_000, dtype=np.int16).reshape(100, 100, 10) % 3000
+    label = np.ones(image.shape, np.uint8)
+    a, b = foreground_sample(image, label, 3, size=500), foreground_sample(image, label, 3, size=500)
+    assert a.size == 500 and np.array_equal(a, b)
+    assert not np.array_equal(a, foreground_sample(image, label, 4, size=500))
+    assert foreground_sample(image, np.zeros_like(label), 3).size == 0

@@ -54,3 +54,50 @@ def test_scale_maps_window_to_unit_interval():
     np.testing.assert_allclose(spec.scale(np.array([-2000, -1000, 0, 1000, 3000])), [0, 0, 0.5, 1, 1])
     np.testing.assert_allclose(spec.unscale(spec.scale(np.array([-500.0, 250.0]))), [-500, 250])
     assert PreprocessSpec(scaling="none").scale(7) == 7
+
+
+def test_read_time_normalisations_values_hash_and_refusals():
+    stored = PreprocessSpec(hu_window=(-1000, 1000))
+    # a spec without a read-time normalisation keeps its JSON (and hash) of before
+    assert "scaling_params" not in stored.to_dict()
+    assert stored.with_normalization("stored") is stored
+    abd = stored.with_normalization("abdomen")
+    np.testing.assert_allclose(abd.scale(np.array([-1000.0, -175, 37.5, 250, 900])),
+                               [0, 0, 0.5, 1, 1])
+    assert abd.hu_per_unit == 425.0
+    props = {"percentile_00_5": -90.0, "percentile_99_5": 310.0, "mean": 60.0, "std": 50.0}
+    ct = stored.with_normalization("ct", props)
+    np.testing.assert_allclose(ct.scale(np.array([-500.0, 60, 110, 400])), [-3.0, 0, 1, 5.0])
+    np.testing.assert_allclose(ct.unscale(ct.scale(np.array([0.0, 200.0]))), [0, 200])
+    hashes = {stored.hash, abd.hash, ct.hash}
+    assert len(hashes) == 3
+    for spec in (abd, ct):  # the derived spec travels (run dirs, exports) and comes back equal
+        again = PreprocessSpec.from_json(spec.to_json())
+        assert again == spec and again.hash == spec.hash
+    with pytest.raises(ConfigError, match="^normalization:.*statistics"):
+        stored.with_normalization("ct", None)
+    with pytest.raises(ConfigError, match="^normalization:"):
+        stored.with_normalization("zscore")
+    # a read-time clip beyond what was stored is refused (those HU are gone)
+    with pytest.raises(ConfigError, match="^scaling_params:.*stored window"):
+        PreprocessSpec(hu_window=(-100, 100)).with_normalization("abdomen")
+    with pytest.raises(ConfigError, match="^scaling_params:.*std"):
+        stored.with_normalization("ct", dict(props, std=0.0))
+    with pytest.raises(ConfigError, match="^scaling_params:"):
+        PreprocessSpec(scaling="unit", scaling_params=(0, 1))
+
+
+def test_tf_scaler_matches_the_spec_for_every_normalisation():
+    import tensorflow as tf
+
+    from rr_tf.data.pipeline import unit_scaler
+
+    props = {"percentile_00_5": -90.0, "percentile_99_5": 310.0, "mean": 60.0, "std": 50.0}
+    hu = np.array([-1024, -1000, -300, -175, 0, 37, 250, 600, 1000], np.int16)
+    for spec in (PreprocessSpec(), PreprocessSpec(hu_window=(-500, 500)),
+                 PreprocessSpec().with_normalization("abdomen"),
+                 PreprocessSpec().with_normalization("ct", props)):
+        want = spec.scale(np.clip(hu.astype(np.float32), -1000, None)
+                          if spec.scaling == "unit" else hu.astype(np.float32))
+        got = unit_scaler(spec)(tf.constant(hu)).numpy()
+        np.testing.assert_allclose(got[1:], want[1:], atol=1e-6, err_msg=spec.describe())

@@ -91,13 +91,13 @@ def unit_scaler(spec):
     stream to whole batches), never to whole volumes. The clip is only
     needed when crop padding (``views.PAD_HU``) lies below the window.
     """
-    if spec.scaling != "unit":
+    if spec.scaling == "none":
         return lambda x: tf.cast(x, tf.float32)
-    lo, hi = spec.hu_window
-    gain, offset = 1.0 / (hi - lo), -lo / (hi - lo)
-    if lo <= views.PAD_HU:
-        return lambda x: tf.cast(x, tf.float32) * gain + offset
-    return lambda x: tf.cast(tf.clip_by_value(x, int(lo), int(hi)), tf.float32) * gain + offset
+    lo, hi, offset, divisor = spec.affine_scaling()
+    gain, bias = 1.0 / divisor, -offset / divisor
+    if spec.scaling == "unit" and lo <= views.PAD_HU:
+        return lambda x: tf.cast(x, tf.float32) * gain + bias
+    return lambda x: tf.clip_by_value(tf.cast(x, tf.float32), lo, hi) * gain + bias
 
 
 def case_dataset(data_dir, split, config, input_context=None, log=None):
@@ -142,16 +142,19 @@ def case_dataset(data_dir, split, config, input_context=None, log=None):
     return ds.with_options(options), manifest
 
 
-def view_dataset(data_dir, split, view_fn, config, labelled=False, input_context=None, log=None):
+def view_dataset(data_dir, split, view_fn, config, labelled=False, input_context=None, log=None,
+                 spec=None):
     """Batched views. ``view_fn(image, seed, to_unit)`` (or ``(image, label,
     seed, to_unit)`` when ``labelled``) gets the stored int16 HU volume and
     the scaler to apply to its crops (:func:`unit_scaler`); it returns a
     dict of tensors with static shapes (int16 ones are taken as stored HU and
     scaled after batching) and is applied
     ``crops_per_volume`` times per volume; each element also carries its
-    ``case_id``. Returns (dataset, manifest)."""
+    ``case_id``. ``spec``: the manifest's spec read with another
+    normalisation (:meth:`~rr_tf.data.spec.PreprocessSpec.with_normalization`;
+    None = as stored). Returns (dataset, manifest)."""
     cases, manifest = case_dataset(data_dir, split, config, input_context, log)
-    to_unit = unit_scaler(manifest["spec_obj"])
+    to_unit = unit_scaler(spec or manifest["spec_obj"])
     if labelled:
         cases = cases.filter(lambda c: c["has_label"])
         call = lambda c, s: view_fn(c["image"], c["label"], s, to_unit)  # noqa: E731

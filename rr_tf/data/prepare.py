@@ -128,6 +128,33 @@ def _process(task, spec):
         return "bad", (task.source, f"unexpected {type(err).__name__}: {err}")
 
 
+# foreground voxels sampled per case for the intensity statistics (nnU-Net
+# samples 10,000 per case too)
+FOREGROUND_SAMPLES = 10_000
+
+
+def foreground_sample(image, label, seed, size=FOREGROUND_SAMPLES):
+    """Up to ``size`` stored HU of ``label > 0`` voxels, drawn without
+    replacement with ``seed`` (all of them when fewer)."""
+    values = np.asarray(image)[np.asarray(label) > 0]
+    if values.size > size:
+        values = np.random.default_rng(seed).choice(values, size, replace=False)
+    return values.astype(np.float64)
+
+
+def intensity_properties(samples):
+    """The data set's foreground intensity statistics (nnU-Net's CT
+    normalisation reads them): 0.5 / 99.5 percentiles, mean and std of the
+    sampled labelled voxels of the training cases; None without any."""
+    samples = [s for s in samples if s.size]
+    if not samples:
+        return None
+    v = np.concatenate(samples)
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    return {"percentile_00_5": float(lo), "percentile_99_5": float(hi), "mean": float(v.mean()),
+            "std": float(v.std()), "num_voxels": int(v.size), "num_cases": len(samples)}
+
+
 def _worker_init():
     # One BLAS/OpenMP thread per worker: the parallelism is across cases.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -273,7 +300,7 @@ def prepare(config, log=None):
     workers = config.workers or os.cpu_count() or 1
     log(f"preparing {len(good_tasks)} case(s) with {min(workers, max(len(good_tasks), 1))} "
         f"worker(s); {config.spec.describe()}")
-    cases_meta = []
+    cases_meta, fg_samples = [], []
     progress = Progress(len(good_tasks), "cases", enabled=config.progress)
     try:
         for task, status, payload in _ordered_results(good_tasks, config.spec, workers):
@@ -284,6 +311,9 @@ def prepare(config, log=None):
                 continue
             split = splits[task.patient_id or task.case_id]
             shard, index = writers[split].add(payload)
+            if split == "train" and payload.label is not None:
+                fg_samples.append(foreground_sample(payload.image, payload.label,
+                                                    len(cases_meta)))
             meta = dict(payload.meta, split=split, shard=shard, index_in_shard=index,
                         source_kind=task.kind)
             if task.seed is not None:
@@ -329,6 +359,7 @@ def prepare(config, log=None):
         "splits": {s: sum(1 for c in cases_meta if c["split"] == s) for s in ("train", "val")},
         "shards": shard_infos,
         "cases": cases_meta,
+        "intensity_properties": intensity_properties(fg_samples),
         "bad_cases": [{"source": p, "reason": r} for p, r in bad],
     }
     records.atomic_write_text(os.path.join(config.output_dir, "preprocess.json"),
