@@ -360,3 +360,29 @@ def test_ops_inside_tf_data_map():
         ref = _pcrl_chain(x0, s)
         np.testing.assert_allclose(x.numpy(), ref[0].numpy(), atol=1e-5)
         assert np.all(np.isfinite(x.numpy()))
+
+
+def test_random_contrast_keeps_the_mean_and_scales_deviations():
+    x = volume()
+    y = A.random_contrast(x, (3, 4), factor=(0.5, 0.6))
+    dx = x.numpy() - x.numpy().mean()
+    dy = y.numpy() - y.numpy().mean()
+    assert abs(y.numpy().mean() - x.numpy().mean()) < 1e-5
+    ratio = dy.ravel() @ dx.ravel() / (dx.ravel() @ dx.ravel())
+    assert 0.5 <= ratio <= 0.6 and np.allclose(dy, ratio * dx, atol=1e-5)
+    assert np.array_equal(A.random_contrast(x, (3, 4), p=0.0).numpy(), x.numpy())
+
+
+def test_label_offsets_shift_each_label_value_alone():
+    label = np.zeros(SHAPE[:3], np.int32)
+    label[:8] = 3
+    label[8:, :4] = 7
+    x = volume()
+    y = A.label_offsets(x, tf.constant(label), (9, 2), max_shift=0.2).numpy()
+    d = (y - x.numpy())[..., 0]
+    assert np.allclose(d[label == 0], 0.0)
+    for k in (3, 7):
+        assert np.ptp(d[label == k]) < 1e-6 and abs(d[label == k][0]) <= 0.2
+    assert abs(d[label == 3][0] - d[label == 7][0]) > 1e-4
+    # deterministic per seed
+    assert np.array_equal(y, A.label_offsets(x, tf.constant(label), (9, 2), max_shift=0.2).numpy())

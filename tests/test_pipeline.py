@@ -194,3 +194,57 @@ def test_finetune_augmentation_moves_image_and_label_together(shards):
     # bright (1.0) cube and label 2 stay on top of each other after flip + affine
     assert images[labels == 2].mean() > 0.9
     assert np.mean(images[labels == 0] > 0.99) < 0.02
+
+
+def test_tissue_shift_moves_each_organ_by_its_own_offset():
+    """Per-organ offsets (contrast-phase stand-in): every voxel of one label
+    moves by the same HU, labels move independently, background never."""
+    label = np.zeros((24, 24, 12), np.uint8)
+    label[2:10, 2:10, 2:10] = 1
+    label[12:22, 12:22, 2:10] = 2
+    image = tf.fill(label.shape + (1,), tf.constant(40, tf.int16))  # 40 HU everywhere
+    to_unit = lambda x: (tf.cast(x, tf.float32) + 1000.0) / 2000.0  # noqa: E731
+    keep = lambda i, lab, s: (i, lab)  # noqa: E731  (no spatial change: offsets readable)
+    fn = recipes.finetune_patch((24, 24, 12), fg_fraction=0.0, spatial=keep,
+                                tissue_shift_hu=100.0, tissue_shift_p=1.0)
+    offsets = []
+    for i in range(20):
+        out = fn(image, tf.constant(label), tf.constant([i, 3], tf.int32), to_unit)
+        hu = out["image"].numpy()[..., 0] * 2000.0 - 1000.0 - 40.0
+        lab = out["label"].numpy()
+        assert np.allclose(hu[lab == 0], 0.0, atol=1e-3)
+        per = []
+        for k in (1, 2):
+            vals = hu[lab == k]
+            assert vals.size and np.ptp(vals) < 1e-2 and abs(vals[0]) <= 100.0 + 1e-3
+            per.append(float(vals[0]))
+        offsets.append(per)
+    offsets = np.array(offsets)
+    # independent U(-100, 100) draws: spread over the range, not equal between organs
+    assert offsets.std(axis=0).min() > 30.0 and np.abs(offsets[:, 0] - offsets[:, 1]).max() > 20.0
+    off = recipes.finetune_patch((24, 24, 12), fg_fraction=0.0, spatial=keep)
+    out = off(image, tf.constant(label), tf.constant([0, 3], tf.int32), to_unit)
+    assert np.allclose(out["image"].numpy(), to_unit(40).numpy())
+
+
+def test_finetune_augmentation_flips_only_the_axes_asked():
+    """Label 1 fills the low half of axis 0, label 2 the high half: a flip of
+    axis 0 swaps their order, the rotation (<= 10 deg) and scale never do."""
+    label = np.ones((16, 16, 8), np.int32)
+    label[8:] = 2
+    image = tf.constant(label[..., None], tf.float32)
+    coord = np.arange(16)[:, None, None] * np.ones((16, 16, 8))
+
+    def swapped(axes, seeds=24):
+        fn = recipes.finetune_augmentation(flip_axes=axes, intensity=True)
+        out = []
+        for i in range(seeds):
+            _, lab = fn(image, tf.constant(label), tf.constant([i, 5], tf.int32))
+            lab = lab.numpy()
+            out.append(coord[lab == 1].mean() > coord[lab == 2].mean())
+        return sum(out)
+
+    assert swapped((1, 2)) == 0 and swapped(()) == 0
+    assert 4 <= swapped((0,)) <= 20  # p 0.5 per axis over 24 draws
+    with pytest.raises(ValueError, match="flip axes"):
+        recipes.finetune_augmentation(flip_axes=(3,))

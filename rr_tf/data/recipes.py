@@ -5,9 +5,12 @@ static shapes, boxes included. Un-augmented crops are returned as int16
 stored HU (the stream scales whole batches); augmented ones are float32
 network input (augmentation needs it)."""
 
+import math
+
 import tensorflow as tf
 
 from rr_tf.data import augment, views
+from rr_tf.data.augment._common import sub_seed
 
 # HU above which a voxel counts as "body" for foreground-biased sampling.
 BODY_THRESHOLD_HU = -500
@@ -46,7 +49,7 @@ PATCH_SAMPLING = ("class_balanced", "foreground")
 
 
 def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=2,
-                   sampling="class_balanced"):
+                   sampling="class_balanced", tissue_shift_hu=0.0, tissue_shift_p=0.5):
     """Image/label patch pairs; a ``fg_fraction`` of patches is centred on a
     labelled voxel, the rest are uniform random boxes. ``sampling``:
     ``"class_balanced"`` (nnU-Net's rule) draws a class uniformly among the
@@ -57,7 +60,12 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=
     be missed). ``spatial``: ``"default"`` = :func:`paired_spatial` (flips +
     small affine, the label resampled with nearest neighbour), None = no
     augmentation (the image then stays int16 HU until the stream scales the
-    batch), or any ``fn(image, label, seed) -> (image, label)``."""
+    batch), or any ``fn(image, label, seed) -> (image, label)`` such as
+    :func:`finetune_augmentation`. ``tissue_shift_hu`` > 0 (only with
+    augmentation): with probability ``tissue_shift_p`` each labelled organ's
+    voxels move by their own offset ``~ U(-tissue_shift_hu, tissue_shift_hu)``
+    HU (:func:`~rr_tf.data.augment.label_offsets`), a stand-in for the
+    contrast phases the labelled cases may not cover."""
     if sampling not in PATCH_SAMPLING:
         raise ValueError(f"patch sampling must be one of {PATCH_SAMPLING}, got {sampling!r}")
     if spatial == "default":
@@ -88,7 +96,12 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=
         img = tf.ensure_shape(views.crop(image, box, pad_value=views.PAD_HU), patch_size + (1,))
         lab = tf.ensure_shape(views.crop(label, box), patch_size)
         if spatial is not None:  # augmentation works on network units
-            img, lab = spatial(to_unit(img), lab, s_aug)
+            img = to_unit(img)
+            if tissue_shift_hu > 0:
+                per_hu = to_unit(tf.constant(1.0)) - to_unit(tf.constant(0.0))
+                img = augment.label_offsets(img, lab, sub_seed(s_aug, 7),
+                                            tissue_shift_hu * per_hu, p=tissue_shift_p)
+            img, lab = spatial(img, lab, s_aug)
         return {"image": img, "label": tf.cast(lab, tf.int32), "box": box}
 
     return fn
@@ -101,6 +114,44 @@ def paired_spatial(image, label, seed):
     s_flip, s_aff = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image, label, _ = augment.random_flip(image, s_flip, label=label)
     return augment.random_affine(image, s_aff, label=label, scale=(0.9, 1.1), degrees=10.0)
+
+
+# nnU-Net's intensity augmentation probabilities and ranges (its noise is in
+# z-score units of CT foreground; here in HU)
+_NOISE_HU = 25.0
+_GAMMA_LOG = (math.log(0.7), math.log(1.5))
+
+
+def finetune_augmentation(flip_axes=(0, 1, 2), intensity=False, hu_per_unit=2000.0):
+    """``fn(image, label, seed) -> (image, label)`` for :func:`finetune_patch`:
+    flips on ``flip_axes`` only (on RAS+-ordered volumes axis 0 is
+    left-right: flipping it swaps the sides of left/right organ labels),
+    the small affine of :func:`paired_spatial`, and with ``intensity``
+    nnU-Net's intensity augmentation: Gaussian noise (p 0.1, sd up to
+    25 HU), blur (p 0.2, sigma 0.5-1 voxel), contrast about the patch mean
+    (p 0.15, x0.75-1.25), gamma (p 0.3, 0.7-1.5). ``hu_per_unit``: HU per
+    network unit (the spec's window width), to size the noise."""
+    flip_axes = tuple(sorted(set(int(a) for a in flip_axes)))
+    if any(a not in (0, 1, 2) for a in flip_axes):
+        raise ValueError(f"flip axes must be among 0, 1, 2, got {flip_axes}")
+    noise = _NOISE_HU / float(hu_per_unit)
+
+    @tf.function(jit_compile=True)
+    def fn(image, label, seed):
+        s_flip, s_aff, s_int = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        if flip_axes:
+            image, label, _ = augment.random_flip(image, s_flip, label=label, axes=flip_axes)
+        image, label = augment.random_affine(image, s_aff, label=label, scale=(0.9, 1.1),
+                                             degrees=10.0)
+        if intensity:
+            s = [sub_seed(s_int, i) for i in range(4)]
+            image = augment.gaussian_noise(image, s[0], std=(0.0, noise), p=0.1)
+            image = augment.gaussian_blur(image, s[1], sigma=(0.5, 1.0), p=0.2)
+            image = augment.random_contrast(image, s[2], factor=(0.75, 1.25), p=0.15)
+            image = augment.random_gamma(image, s[3], log_gamma=_GAMMA_LOG, p=0.3)
+        return image, label
+
+    return fn
 
 
 def patient_pair(crop_size, foreground_p=0.5, threshold=BODY_THRESHOLD_HU, augment=False,

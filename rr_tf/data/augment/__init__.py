@@ -10,7 +10,8 @@ shapes (no py_function, no numpy on the hot path).
   :func:`random_affine`, with helpers :func:`trilinear_sample`,
   :func:`nearest_sample`, :func:`rot90`, :func:`apply_flips`;
 - intensity (torchio-like): :func:`gaussian_blur`, :func:`gaussian_noise`,
-  :func:`random_gamma`, :func:`patch_swap`, :func:`z_normalize`;
+  :func:`random_gamma`, :func:`patch_swap`, :func:`z_normalize`,
+  :func:`random_contrast`, :func:`label_offsets` (per-organ shifts);
 - Models Genesis: :func:`local_pixel_shuffle`, :func:`nonlinear_bezier`,
   :func:`inpaint`, :func:`outpaint`, :func:`genesis_corrupt`;
 - :func:`random_apply` for graph-friendly probabilities.
@@ -21,7 +22,8 @@ from rr_tf.data.augment.genesis import (
     apply_lut, bezier_lut, boxes_mask, genesis_corrupt, inpaint, local_pixel_shuffle,
     nonlinear_bezier, outpaint)
 from rr_tf.data.augment.intensity import (
-    blur, gamma, gaussian_blur, gaussian_noise, patch_swap, random_gamma, z_normalize)
+    blur, gamma, gaussian_blur, gaussian_noise, label_offsets, patch_swap, random_contrast,
+    random_gamma, z_normalize)
 from rr_tf.data.augment.spatial import (
     affine_coords, apply_flips, nearest_sample, random_affine, random_flip, random_rot90,
     rot90, rotation_matrix, trilinear_sample)
@@ -31,6 +33,7 @@ __all__ = [
     "random_flip", "random_rot90", "random_affine", "apply_flips", "rot90",
     "rotation_matrix", "affine_coords", "trilinear_sample", "nearest_sample",
     "gaussian_blur", "blur", "gaussian_noise", "random_gamma", "gamma", "patch_swap",
+    "random_contrast", "label_offsets",
     "z_normalize",
     "local_pixel_shuffle", "nonlinear_bezier", "bezier_lut", "apply_lut", "inpaint",
     "outpaint", "boxes_mask", "genesis_corrupt",

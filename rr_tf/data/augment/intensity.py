@@ -102,6 +102,39 @@ def random_gamma(x, seed, log_gamma=(-0.3, 0.3), p=1.0):
     return random_apply(fn, p, sub_seed(seed, 0), tf.convert_to_tensor(x))
 
 
+# ------------------------------------------------------- contrast, tissue
+def random_contrast(x, seed, factor=(0.75, 1.25), p=1.0):
+    """Scale the deviation from the crop's mean by ``f ~ U(factor)`` (the
+    mean is kept), as nnU-Net's contrast augmentation."""
+    seed = as_seed(seed)
+
+    def fn(v):
+        mean = tf.reduce_mean(v)
+        return mean + (v - mean) * uniform(sub_seed(seed, 1), [], float(factor[0]),
+                                           float(factor[1]))
+
+    return random_apply(fn, p, sub_seed(seed, 0), tf.convert_to_tensor(x))
+
+
+def label_offsets(x, label, seed, max_shift, num_values=256, p=1.0):
+    """Add one offset ``~ U(-max_shift, max_shift)`` per label value to the
+    voxels of that value (background, 0, is never shifted): the organs'
+    intensities move independently of each other, as they do between
+    contrast phases (a kidney is about 30 HU native, 165 HU portal-venous),
+    so a segmenter trained on one phase must rely on shape and context.
+    ``x`` (D, H, W, C) and ``label`` (D, H, W) integer values in
+    [0, num_values)."""
+    seed = as_seed(seed)
+    x = tf.convert_to_tensor(x)
+
+    def fn(v):
+        shifts = uniform(sub_seed(seed, 1), [num_values], -float(max_shift), float(max_shift))
+        shifts = tf.concat([tf.zeros([1]), shifts[1:]], 0)
+        return v + tf.cast(tf.gather(shifts, tf.cast(label, tf.int32)), v.dtype)[..., None]
+
+    return random_apply(fn, p, sub_seed(seed, 0), x)
+
+
 # --------------------------------------------------------------- patch swap
 _SWAP_UNROLL = 10
 
