@@ -57,6 +57,20 @@ flags.DEFINE_enum("patch_sampling", "class_balanced", ["class_balanced", "foregr
                   "How the --fg_fraction patches pick their centre: class_balanced = a class drawn "
                   "uniformly among the organs present in the case, then a voxel of it (nnU-Net); "
                   "foreground = any labelled voxel (large organs dominate).")
+flags.DEFINE_string("flip_axes", "0,1,2", "Axes the training patches are flipped on (each with "
+                    "p 0.5), comma separated, or 'none'. On RAS+ volumes axis 0 is left-right: "
+                    "flipping it swaps the sides of left/right organs (kidneys).")
+flags.DEFINE_boolean("intensity_augment", False, "nnU-Net's intensity augmentation of the "
+                     "training patches: noise, blur, contrast, gamma.")
+flags.DEFINE_float("tissue_shift_hu", 0.0, "Per-organ intensity augmentation: with p 0.5 each "
+                   "labelled organ's voxels move by their own offset U(-x, x) HU, as organs "
+                   "enhance differently between contrast phases; 0 = off.", lower_bound=0.0)
+flags.DEFINE_enum("normalization", "stored", ["stored", "abdomen", "ct"], "Intensity "
+                  "normalisation applied when the shards are read (no new shards needed): stored "
+                  "= the shards' window mapped to [0, 1]; abdomen = clip to -175..250 HU, then "
+                  "[0, 1]; ct = nnU-Net's CT scheme (clip to the 0.5/99.5 percentiles of the "
+                  "training set's labelled voxels, z-score with their mean and std, as "
+                  "launch/prepare_data.py stores them in the manifest). Carried by the export.")
 flags.DEFINE_integer("freeze_encoder_steps", 0, "Keep the pre-trained encoder frozen for the "
                      "first N steps.", lower_bound=0)
 flags.DEFINE_list("class_weights", None, "Cross-entropy weight per class (background first).")
@@ -88,6 +102,23 @@ flags.DEFINE_float("consistency_noise", 0.1, "Mean teacher: std of the Gaussian 
 flags.mark_flags_as_required(["data_dir", "run_dir"])
 
 
+def _flip_axes(text):
+    text = text.strip()
+    return () if text in ("none", "") else tuple(int(a) for a in text.split(","))
+
+
+def _valid_flip_axes(text):
+    try:
+        axes = _flip_axes(text)
+    except ValueError:
+        return False
+    return all(a in (0, 1, 2) for a in axes) and len(set(axes)) == len(axes)
+
+
+flags.register_validator("flip_axes", _valid_flip_axes, message="need distinct axes among 0,1,2 "
+                         "separated by commas, or 'none'")
+
+
 def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
@@ -104,7 +135,9 @@ def main(argv):
             parts=tuple(FLAGS.parts) if FLAGS.parts else None,
             allow_spec_mismatch=FLAGS.allow_spec_mismatch, segmenter=FLAGS.segmenter,
             segmenter_args=args, num_labeled=FLAGS.num_labeled, fg_fraction=FLAGS.fg_fraction,
-            patch_sampling=FLAGS.patch_sampling,
+            patch_sampling=FLAGS.patch_sampling, flip_axes=_flip_axes(FLAGS.flip_axes),
+            intensity_augment=FLAGS.intensity_augment, tissue_shift_hu=FLAGS.tissue_shift_hu,
+            normalization=FLAGS.normalization,
             freeze_encoder_steps=FLAGS.freeze_encoder_steps, class_weights=weights,
             val_every=FLAGS.val_every, val_overlap=FLAGS.val_overlap,
             val_window_batch=FLAGS.val_window_batch, val_cases=FLAGS.val_cases,

@@ -220,7 +220,7 @@ def define_run_flags(defaults=None, helps=None):
     defaults changed by ``defaults`` (e.g. ``FINETUNE_DEFAULTS``) and the
     help texts in ``helps`` replacing the generic ones. Read them back with
     :func:`run_settings`. Imports no TensorFlow."""
-    from rr_tf.training.settings import VERBOSITY, run_defaults
+    from rr_tf.training.settings import OPTIMIZERS, VERBOSITY, run_defaults
 
     default = run_defaults(defaults)
     verbose = {v: k for k, v in VERBOSITY.items()}[default["verbose"]]
@@ -229,7 +229,9 @@ def define_run_flags(defaults=None, helps=None):
         batch_size="Global batch size (split across replicas).",
         crop_size="Crop (patch) size D,H,W in voxels.",
         crops_per_volume="Crops cut from each decoded volume.",
-        optimizer="Optimizer.",
+        optimizer="Optimizer: adamw, sgd (momentum 0.9) and lamb with the warm-up + cosine "
+                  "schedule; nnunet_sgd = nnU-Net's SGD (Nesterov momentum 0.99, polynomial "
+                  "decay lr * (1 - step/steps)^0.9, no warm-up).",
         learning_rate="Peak learning rate.",
         weight_decay="Weight decay.",
         warmup_steps="Linear warm-up steps before the cosine decay.",
@@ -254,7 +256,7 @@ def define_run_flags(defaults=None, helps=None):
                          lower_bound=0)
     flags.DEFINE_string("crop_size", ",".join(str(c) for c in default["crop_size"]),
                         text["crop_size"])
-    flags.DEFINE_enum("optimizer", default["optimizer"], ["adamw", "sgd", "lamb"],
+    flags.DEFINE_enum("optimizer", default["optimizer"], list(OPTIMIZERS),
                       text["optimizer"])
     flags.DEFINE_float("learning_rate", default["learning_rate"], text["learning_rate"],
                        lower_bound=0.0)

@@ -368,3 +368,50 @@ def test_demo_finetune_flagfile_generates_its_data_trains_and_exports(tmp_path):
     assert os.path.exists(run / "export" / "segmenter.keras")
     assert os.path.exists(run / "postprocess.json")
     assert "--patch_sampling=class_balanced" in open(run / "flags.txt").read()
+
+
+def test_finetune_under_a_read_time_normalisation_exports_and_refuses_it(shards, tmp_path):
+    """nnU-Net's CT scheme from the same shards: the run, its export and
+    inference use the derived spec; a stored-normalisation pre-training is
+    refused for it (the inputs would differ), unless explicitly allowed."""
+    manifest = read_manifest(shards)
+    ct = manifest["spec_obj"].with_normalization("ct", manifest["intensity_properties"])
+    run = tmp_path / "ct"
+    cfg = FinetuneConfig(data_dir=shards, run_dir=str(run), num_labeled="2", normalization="ct",
+                         segmenter_args={"base_width": 2, "levels": 3}, train_steps=1,
+                         batch_size=2, crop_size=(16, 16, 16), checkpoint_every=1, val_every=1,
+                         verbose=0, seed=1, export=True, intensity_augment=True,
+                         tissue_shift_hu=50.0, flip_axes=(1, 2))
+    run_finetuning(cfg, log=lambda m: None)
+    exported = PreprocessSpec.from_json(open(run / "export" / "preprocess.json").read())
+    assert exported == ct and exported.scaling == "ct"
+    model = SegmentationModel.load(str(run))
+    hu = np.array([[[-1000.0, 0.0, 500.0]]], np.float32)
+    np.testing.assert_allclose(model.to_unit(hu), ct.scale(hu), rtol=1e-6)
+    # the plain (stored) normalisation's weights do not load silently into it
+    seg = UNetSegmenter(11, base_width=2, levels=3)
+    seg.build((None, 16, 16, 16, 1))
+    with pytest.raises(SpecMismatchError, match="allow_spec_mismatch"):
+        load_pretrained(seg, str(run / "export" / "segmenter.keras"), spec=manifest["spec_obj"])
+    with pytest.raises(ConfigError, match="^normalization:"):
+        FinetuneConfig(data_dir=shards, run_dir=str(run), normalization="zscore").validate()
+    with pytest.raises(ConfigError, match="^flip_axes:"):
+        FinetuneConfig(data_dir=shards, run_dir=str(run), flip_axes=(0, 3)).validate()
+    with pytest.raises(ConfigError, match="^tissue_shift_hu:"):
+        FinetuneConfig(data_dir=shards, run_dir=str(run), tissue_shift_hu=-1.0).validate()
+
+
+def test_nnunet_sgd_is_nesterov_099_with_polynomial_decay():
+    from rr_tf.training.optim import build_optimizer
+
+    opt = build_optimizer("nnunet_sgd", 1e-2, 100, weight_decay=3e-5)
+    assert isinstance(opt, keras.optimizers.SGD) and opt.nesterov and opt.momentum == 0.99
+    sched = opt._learning_rate
+    for step, want in [(0, 1e-2), (50, 1e-2 * 0.5 ** 0.9), (90, 1e-2 * 0.1 ** 0.9), (100, 0.0)]:
+        assert abs(float(sched(step)) - want) < 1e-8, (step, float(sched(step)))
+    with pytest.raises(ConfigError, match="^warmup_steps:"):
+        build_optimizer("nnunet_sgd", 1e-2, 100, warmup_steps=10)
+    with pytest.raises(ConfigError, match="^warmup_steps:"):
+        FinetuneConfig(data_dir="d", run_dir="r", optimizer="nnunet_sgd", warmup_steps=5).validate()
+    with pytest.raises(ConfigError, match="^optimizer:"):
+        FinetuneConfig(data_dir="d", run_dir="r", optimizer="adam").validate()

@@ -26,6 +26,7 @@ import tensorflow as tf
 from rr_tf.data import records
 from rr_tf.data.pipeline import StreamConfig, case_dataset, view_dataset
 from rr_tf.data import recipes
+from rr_tf.data.spec import NORMALIZATIONS
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
 from rr_tf.training import loop, optim
@@ -63,6 +64,10 @@ class FinetuneConfig(RunSettings):
     keep_checkpoints: int = _default(FINETUNE_DEFAULTS["keep_checkpoints"])
     fg_fraction: float = 1.0 / 3.0
     patch_sampling: str = "class_balanced"   # class_balanced | foreground (recipes.PATCH_SAMPLING)
+    flip_axes: tuple = (0, 1, 2)         # patch flips (axis 0 = left-right on RAS+ volumes)
+    intensity_augment: bool = False      # nnU-Net's noise / blur / contrast / gamma
+    tissue_shift_hu: float = 0.0         # per-organ HU offsets U(-x, x) (contrast phases); 0 = off
+    normalization: str = "stored"        # read-time intensity normalisation (spec.NORMALIZATIONS)
     freeze_encoder_steps: int = 0
     class_weights: tuple | None = None
     val_every: int = 100
@@ -94,6 +99,16 @@ class FinetuneConfig(RunSettings):
         if self.patch_sampling not in recipes.PATCH_SAMPLING:
             raise ConfigError("patch_sampling", f"must be one of {recipes.PATCH_SAMPLING}, got "
                               f"{self.patch_sampling!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError("normalization", f"must be one of {NORMALIZATIONS}, got "
+                              f"{self.normalization!r}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes) or \
+                len(set(self.flip_axes)) != len(self.flip_axes):
+            raise ConfigError("flip_axes", f"must be distinct axes among 0, 1, 2, got "
+                              f"{self.flip_axes}")
+        if not (math.isfinite(self.tissue_shift_hu) and self.tissue_shift_hu >= 0):
+            raise ConfigError("tissue_shift_hu", f"must be a finite number >= 0 (0 = off), got "
+                              f"{self.tissue_shift_hu}")
         if not 0.0 <= self.fg_fraction <= 1.0:
             raise ConfigError("fg_fraction", "must be in [0, 1]")
         if self.largest_component not in LARGEST_COMPONENT:
@@ -161,7 +176,7 @@ def unlabelled_cases(manifest, labelled):
                   if c["split"] == "train" and c["case_id"] not in budget)
 
 
-def unlabelled_stream(config, case_ids, seed):
+def unlabelled_stream(config, case_ids, seed, spec=None):
     """Batches ``{"view", "box", "case_id"}`` of random ``crop_size`` crops
     (network units, no label) of the cases ``case_ids`` of the train split,
     ``unlabelled_batch_size`` (or ``batch_size``) per batch."""
@@ -171,7 +186,7 @@ def unlabelled_stream(config, case_ids, seed):
                           crops_per_volume=config.crops_per_volume, seed=seed,
                           case_ids=tuple(case_ids))
     dataset, _ = view_dataset(config.data_dir, "train", recipes.random_crop(config.crop_size),
-                              stream, labelled=False)
+                              stream, labelled=False, spec=spec)
     return dataset
 
 
@@ -320,7 +335,8 @@ def run_finetuning(config, log=None):
     log = log or (lambda m: print(m, file=sys.stderr))
     config.validate()
     manifest = records.read_manifest(config.data_dir)
-    spec = manifest["spec_obj"]
+    spec = manifest["spec_obj"].with_normalization(config.normalization,
+                                                   manifest.get("intensity_properties"))
     num_classes = num_classes_of(manifest)
     labelled = choose_labeled(manifest, config.num_labeled, config.seed)
     mode = "mean_teacher" if config.mean_teacher else "supervised"
@@ -368,16 +384,20 @@ def run_finetuning(config, log=None):
         f"{'from ' + config.pretrained if config.pretrained else 'from scratch'}")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
                           seed=config.seed + _DATA_RESEED * step0, case_ids=tuple(labelled))
-    recipe = recipes.finetune_patch(config.crop_size, fg_fraction=config.fg_fraction,
-                                    sampling=config.patch_sampling)
-    dataset, _ = view_dataset(config.data_dir, "train", recipe, stream, labelled=True)
+    recipe = recipes.finetune_patch(
+        config.crop_size, fg_fraction=config.fg_fraction, sampling=config.patch_sampling,
+        spatial=recipes.finetune_augmentation(config.flip_axes, config.intensity_augment,
+                                              hu_per_unit=spec.hu_per_unit),
+        tissue_shift_hu=config.tissue_shift_hu)
+    dataset, _ = view_dataset(config.data_dir, "train", recipe, stream, labelled=True, spec=spec)
     dataset = dataset.map(lambda b: {"image": b["image"], "label": b["label"]})
     if config.mean_teacher:
         log(f"mean teacher: {len(unlabelled)} unlabelled training case(s), consistency weight "
             f"{config.consistency_weight} (ramp-up {config.consistency_rampup_steps} steps), "
             f"teacher momentum {config.teacher_momentum}")
         extra_stream = unlabelled_stream(config, unlabelled,
-                                         config.seed + _UNLABELLED_RESEED + _DATA_RESEED * step0)
+                                         config.seed + _UNLABELLED_RESEED + _DATA_RESEED * step0,
+                                         spec)
         dataset = tf.data.Dataset.zip((dataset, extra_stream)).map(
             lambda b, u: {"image": b["image"], "label": b["label"], "unlabelled": u["view"]})
     preview = next(iter(dataset))

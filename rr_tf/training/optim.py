@@ -1,11 +1,14 @@
-"""Optimizer + learning-rate schedule (linear warm-up then cosine decay)."""
+"""Optimizer + learning-rate schedule (linear warm-up then cosine decay;
+nnU-Net's SGD uses its polynomial decay instead)."""
 
 import keras
 import tensorflow as tf
 
 from rr_tf.errors import ConfigError
+from rr_tf.training.settings import OPTIMIZERS
 
-OPTIMIZERS = ("adamw", "sgd", "lamb")
+# nnU-Net's optimiser: SGD, Nesterov momentum 0.99, lr * (1 - step / steps) ** 0.9
+NNUNET_MOMENTUM, NNUNET_POLY_POWER = 0.99, 0.9
 
 
 def learning_rate_schedule(peak, total_steps, warmup_steps=0):
@@ -22,6 +25,15 @@ def build_optimizer(name, learning_rate, total_steps, weight_decay=0.0, warmup_s
                     momentum=0.9, mixed_precision="none"):
     """AdamW / SGD (momentum, weight decay) / LAMB with the schedule; wrapped
     in a loss-scale optimizer for float16."""
+    if name == "nnunet_sgd":
+        if warmup_steps:
+            raise ConfigError("warmup_steps", "nnunet_sgd uses nnU-Net's polynomial decay from the "
+                              "first step; set --warmup_steps=0")
+        lr = keras.optimizers.schedules.PolynomialDecay(learning_rate, total_steps, 0.0,
+                                                        power=NNUNET_POLY_POWER)
+        opt = keras.optimizers.SGD(lr, momentum=NNUNET_MOMENTUM, nesterov=True,
+                                   weight_decay=weight_decay or None)
+        return keras.optimizers.LossScaleOptimizer(opt) if mixed_precision == "float16" else opt
     lr = learning_rate_schedule(learning_rate, total_steps, warmup_steps)
     if name == "adamw":
         opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay)

@@ -7,6 +7,7 @@ import dataclasses
 from rr_tf.errors import ConfigError
 
 VERBOSITY = {"bar": 1, "line": 2, "none": 0}  # console progress -> Keras verbose
+OPTIMIZERS = ("adamw", "sgd", "lamb", "nnunet_sgd")  # rr_tf.training.optim builds them
 
 # where fine-tuning's defaults differ from pre-training's (FinetuneConfig and
 # launch/finetune.py's flags both read them)
@@ -57,6 +58,11 @@ class RunSettings:
     def validate_run(self):
         if len(self.crop_size) != 3 or min(self.crop_size) < 1:
             raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer == "nnunet_sgd" and self.warmup_steps:
+            raise ConfigError("warmup_steps", "nnunet_sgd uses nnU-Net's polynomial decay from the "
+                              "first step; set --warmup_steps=0")
 
 
 def run_defaults(overrides=None):
