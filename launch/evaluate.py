@@ -5,6 +5,9 @@ Examples:
       --output=runs/ft/evaluation --image=/data/ct/images
   python launch/evaluate.py --pred=case_07_pred.nii.gz --ref=case_07.nii.gz \
       --labels=1,2,3 --label_names=liver,spleen,kidney_right
+  # the names recorded by prepare_data.py (manifest.json) or in the model's export:
+  python launch/evaluate.py --pred=runs/ft/predictions --ref=/data/ct/labels \
+      --label_names=from:runs/ft
 
 --pred and --ref are both NIfTI files, or both folders whose files are
 matched by case name (the file name without .nii / .nii.gz). Every
@@ -55,8 +58,11 @@ flags.DEFINE_string("labels", None, "Comma-separated label values to score, e.g.
                     "(default: every non-zero value found in the references).")
 flags.DEFINE_string("label_names", None, "Names of the scored labels: 'phantom' (the names of "
                     "the built-in phantom, rr_tf.data.phantom.LABEL_NAMES), names in the order "
-                    "of the labels ('liver,spleen'), or pairs ('1=liver,2=spleen'). Default "
-                    "label_<value>.")
+                    "of the labels ('liver,spleen'), pairs ('1=liver,2=spleen'), or 'from:PATH' "
+                    "= the names recorded in PATH: a data folder (its manifest.json, written by "
+                    "launch/prepare_data.py), an export folder or a fine-tuning run folder "
+                    "(segmenter.json). Labels without a name are called label_<value>, the "
+                    "default.")
 flags.DEFINE_string("image", None, "Optional CT image (file or folder matched by case name) "
                     "drawn under the overlays; must be on the reference grid. HU images are "
                     "shown with the abdominal window (W400 L40), others with their 1-99 "
@@ -83,8 +89,23 @@ def _check_labels(value):
     return True
 
 
+FROM = "from:"
+
+
 def _check_label_names(value):
     if value is None or value == "phantom":
+        return True
+    if value.startswith(FROM):
+        from rr_tf.data.labelnames import names_file
+
+        path = value[len(FROM):].strip()
+        if not path:
+            raise flags.ValidationError("--label_names=from:PATH needs a PATH (a data folder, "
+                                        "an export folder or a fine-tuning run folder)")
+        if names_file(path) is None:
+            raise flags.ValidationError(f"--label_names: {path} holds no manifest.json "
+                                        "(data folder) or segmenter.json (export or fine-tuning "
+                                        "run)")
         return True
     items = [p.strip() for p in value.split(",")]
     if not all(items):
@@ -123,14 +144,40 @@ def parse_labels(text):
     return labels
 
 
-def label_names(spec, labels):
-    """{label: name} from --label_names (see its help)."""
+def recorded_names(spec):
+    """{label: name} read from the PATH of ``--label_names=from:PATH``
+    ({} for other values); ConfigError when PATH records no names. Cheap:
+    run before the scoring."""
+    from rr_tf.data.labelnames import names_file, read_label_names
+    from rr_tf.errors import ConfigError, DataError
+
+    if spec is None or not spec.startswith(FROM):
+        return {}
+    path = spec[len(FROM):].strip()
+    try:
+        known = read_label_names(path)
+    except DataError as err:
+        raise ConfigError("--label_names", str(err)) from None
+    if not known:
+        raise ConfigError("--label_names", f"{names_file(path)} records no label names (made "
+                          "before they were recorded, or from a plain folder without "
+                          "prepare_data.py --label_names)")
+    return known
+
+
+def label_names(spec, labels, recorded=None):
+    """{label: name} from --label_names (see its help); ``recorded``: the
+    names of a ``from:PATH`` value (:func:`recorded_names`)."""
     from rr_tf.errors import ConfigError
 
     names = {k: f"label_{k}" for k in labels}
     if spec is None:
         return names
-    if spec == "phantom":
+    if spec.startswith(FROM):
+        if recorded is None:
+            recorded = recorded_names(spec)
+        names.update({k: recorded[k] for k in labels if k in recorded})
+    elif spec == "phantom":
         from rr_tf.data.phantom import LABEL_NAMES
 
         names.update({k: LABEL_NAMES[k] for k in labels if k in LABEL_NAMES})
@@ -460,6 +507,7 @@ def main(argv):
             flagutil.fail(__file__, f"--output={FLAGS.output}: exists and is not a folder")
         if FLAGS.image and not os.path.exists(FLAGS.image):
             flagutil.fail(__file__, f"--image: {FLAGS.image!r} does not exist")
+        recorded = recorded_names(FLAGS.label_names)
         pairs = match_cases(FLAGS.pred, FLAGS.ref, FLAGS.allow_missing, warnings)
         if FLAGS.image and os.path.isfile(FLAGS.image) and len(pairs) != 1:
             flagutil.fail(__file__, "--image: a single image file needs single --pred/--ref "
@@ -476,7 +524,11 @@ def main(argv):
             if only_pred:
                 warnings.append(f"labels {only_pred} appear only in predictions and are not "
                                 "scored (pass --labels to score them)")
-        names = label_names(FLAGS.label_names, labels)
+        names = label_names(FLAGS.label_names, labels, recorded)
+        unnamed = [k for k in labels if k not in recorded]
+        if recorded and unnamed:
+            warnings.append(f"labels {unnamed} have no name in {FLAGS.label_names[len(FROM):]} "
+                            "and are called label_<value>")
         results = complete(results, labels)
         summary = aggregate(results, labels)
         means = {case: case_mean(res) for case, res in results.items()}

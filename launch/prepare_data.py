@@ -4,7 +4,11 @@ Examples:
   python launch/prepare_data.py --source=phantom --num_cases=16 \
       --spacing=3,3,3 --output_dir=/data/phantom_shards
   python launch/prepare_data.py --source=/data/ct/images --labels=/data/ct/labels \
-      --output_dir=/data/ct_shards --spacing=1.5,1.5,2 --hu_window=-1000,1000
+      --output_dir=/data/ct_shards --spacing=1.5,1.5,2 --hu_window=-1000,1000 \
+      --label_names=liver,spleen
+  # a Decathlon / nnU-Net raw folder (dataset.json, imagesTr/, labelsTr/) or an
+  # AbdomenAtlas folder (<case>/ct.nii.gz, <case>/segmentations/<organ>.nii.gz):
+  python launch/prepare_data.py --source=/data/Task03_Liver --output_dir=/data/liver_shards
   # the same spec as an existing data set (e.g. fine-tuning data for a
   # pre-trained model):
   python launch/prepare_data.py --source=/data/ft --spec=/data/ct_shards/preprocess.json ...
@@ -28,10 +32,19 @@ flagutil.quiet_tensorflow()
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("source", None, "'phantom' for synthetic CT, or a folder of NIfTI files "
-                    "(.nii/.nii.gz) and/or DICOM series folders (one series per folder).")
+                    "(.nii/.nii.gz) and/or DICOM series folders (one series per folder), or a "
+                    "Decathlon / nnU-Net raw folder (dataset.json + imagesTr/ + labelsTr/, "
+                    "optional imagesTs/ as unlabelled cases), or an AbdomenAtlas folder "
+                    "(<case>/ct.nii.gz + <case>/segmentations/<organ>.nii.gz); see docs/data.md.")
 flags.DEFINE_string("output_dir", None, "Where shards, manifest.json and preprocess.json go "
                     "(local path or gs://).")
-flags.DEFINE_string("labels", None, "Folder of NIfTI label maps matched to images by case name.")
+flags.DEFINE_string("labels", None, "Folder of NIfTI label maps matched to images by case name "
+                    "(plain folders only: the Decathlon and AbdomenAtlas layouts bring their own).")
+flags.DEFINE_string("label_names", None, "Names of the label values, recorded in manifest.json "
+                    "(and from there in exports and evaluations): names of the labels 1..K in "
+                    "order ('liver,spleen') or value=name pairs ('1=liver,3=kidney'). Replaces "
+                    "the names a source declares (dataset.json, AbdomenAtlas organ files, the "
+                    "phantom's). Default: the source's names; none for plain folders.")
 flags.DEFINE_integer("num_cases", 8, "Number of phantom cases (--source=phantom only).", lower_bound=1)
 flags.DEFINE_string("phantom_shape", "128,128,128", "Array shape of each phantom (i,j,k); the "
                     "physical field of view stays the same, so smaller shapes mean coarser voxels.")
@@ -76,6 +89,22 @@ flags.register_multi_flags_validator(
 flagutil.register_numbers_validator("spacing", 3, positive=True, allow=("native",))
 flagutil.register_numbers_validator("hu_window", 2)
 flagutil.register_numbers_validator("phantom_shape", 3, cast=int, positive=True)
+
+
+def _check_label_names(value):
+    if value is None:
+        return True
+    from rr_tf.data.labelnames import parse_label_names
+    from rr_tf.errors import ConfigError
+
+    try:
+        parse_label_names(value)
+    except ConfigError as err:
+        raise flags.ValidationError(str(err))
+    return True
+
+
+flags.register_validator("label_names", _check_label_names)
 
 
 def build_spec():
@@ -126,6 +155,7 @@ def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
     from rr_tf.errors import RrTfError
+    from rr_tf.data.labelnames import parse_label_names
     from rr_tf.data.prepare import PrepareConfig, prepare
 
     if FLAGS.write_nifti:
@@ -141,7 +171,8 @@ def main(argv):
             workers=FLAGS.workers, cases_per_shard=FLAGS.cases_per_shard,
             compression=FLAGS.compression, overwrite=FLAGS.overwrite,
             dicom_all_series=FLAGS.dicom_all_series, patient_table=FLAGS.patient_table,
-            progress=FLAGS.progress)
+            progress=FLAGS.progress,
+            label_names=parse_label_names(FLAGS.label_names) if FLAGS.label_names else None)
         result = prepare(config)
     except (RrTfError, ValueError) as err:
         flagutil.fail(__file__, str(err))

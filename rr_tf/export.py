@@ -122,7 +122,7 @@ class _SegmentationServing(tf.Module):
 
 
 def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None,
-                     largest_component=()):
+                     largest_component=(), label_names=None):
     """Writes ``segmenter.keras`` and the SavedModel ``segmenter/`` whose
     ``serving_default`` takes a float32 HU volume [D, H, W] of any size on
     the spec's grid (stored orientation and spacing) and returns
@@ -130,7 +130,13 @@ def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None,
     inference with the training window inside; no postprocessing).
     ``largest_component``: the classes whose largest connected component
     alone ``launch/infer.py`` keeps by default (``segmenter.json``).
+    ``label_names``: ``{value: name}`` (int or digit-string keys, e.g. a
+    manifest's ``"label_names"``), recorded in ``segmenter.json`` as
+    ``"label_names": {"1": "liver", ...}`` ({} when None).
     Returns the two paths."""
+    from rr_tf.data.labelnames import check_names
+
+    names = {str(k): v for k, v in check_names(label_names).items()}
     os.makedirs(export_dir, exist_ok=True)
     if sample is not None:
         model(sample, training=False)
@@ -145,7 +151,8 @@ def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None,
     with open(os.path.join(export_dir, "segmenter.json") + ".tmp", "w") as f:
         json.dump({"window": list(window), "overlap": overlap, "num_classes": model.num_classes,
                    "spec_hash": spec.hash,
-                   "largest_component": [int(c) for c in largest_component]}, f, indent=1)
+                   "largest_component": [int(c) for c in largest_component],
+                   "label_names": names}, f, indent=1)
     os.replace(os.path.join(export_dir, "segmenter.json") + ".tmp",
                os.path.join(export_dir, "segmenter.json"))
     saved = os.path.join(export_dir, "segmenter")

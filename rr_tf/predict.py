@@ -21,18 +21,22 @@ import os
 
 import numpy as np
 
+from rr_tf.data.labelnames import check_names, normalise
 from rr_tf.data.preprocess import exact_grid_map, preprocess_case, restore_original_grid
 from rr_tf.data.spec import PreprocessSpec
-from rr_tf.errors import ConfigError
+from rr_tf.errors import ConfigError, DataError
 from rr_tf.inference import keras_predict_fn, sliding_window_inference
 
 
 class SegmentationModel:
     """A fine-tuned segmenter with its spec and sliding-window settings."""
 
-    def __init__(self, model, spec, window, overlap=0.5, source="", largest_component=()):
+    def __init__(self, model, spec, window, overlap=0.5, source="", largest_component=(),
+                 label_names=None):
         self.model, self.spec = model, spec
         self.largest_component = [int(c) for c in largest_component]
+        # {value: name} recorded at export ({} when the export has none)
+        self.label_names = check_names(label_names)
         self.window, self.overlap = tuple(int(w) for w in window), float(overlap)
         self.source = source
         self._predict = keras_predict_fn(model)
@@ -58,11 +62,15 @@ class SegmentationModel:
         with open(needed[2]) as f:
             spec = PreprocessSpec.from_json(f.read())
         try:
+            names = normalise(info.get("label_names"), needed[1])
+        except DataError as err:
+            raise ConfigError("model", str(err)) from None
+        try:
             model = keras.saving.load_model(needed[0])
         except Exception as err:  # noqa: BLE001  (any load failure: one line)
             raise ConfigError("model", f"{needed[0]}: cannot load ({type(err).__name__}: {err})") from None
         return cls(model, spec, info["window"], info.get("overlap", 0.5), source=export,
-                   largest_component=info.get("largest_component", ()))
+                   largest_component=info.get("largest_component", ()), label_names=names)
 
     def to_unit(self, stored):
         """Stored int16 HU (spec grid) -> float32 network input."""

@@ -195,6 +195,10 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
     post = json.load(open(run / "postprocess.json"))
     exported = json.load(open(run / "export" / "segmenter.json"))
     assert exported["largest_component"] == post["largest_component"] == more["largest_component"]
+    from rr_tf.data.phantom import LABEL_NAMES  # the manifest's names travel into the export
+
+    assert exported["label_names"] == {str(k): v for k, v in LABEL_NAMES.items()}
+    assert SegmentationModel.load(str(run)).label_names == LABEL_NAMES
     assert set(post["dice_without_with"]) == {str(c) for c in range(1, 11)}
     assert set(post["largest_component"]) <= set(range(1, 11))
 

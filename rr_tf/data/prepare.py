@@ -28,7 +28,7 @@ import numpy as np
 
 import rr_tf
 from rr_tf.errors import ConfigError, DataError, SpecMismatchError
-from rr_tf.data import records, sources
+from rr_tf.data import labelnames, records, sources
 from rr_tf.data.preprocess import preprocess_case
 from rr_tf.data.spec import PreprocessSpec
 from rr_tf.utils.progress import Progress
@@ -54,6 +54,9 @@ class PrepareConfig:
     dicom_all_series: bool = False
     patient_table: str | None = None
     progress: bool = True
+    # {label value: name}; replaces the names the source declares (a
+    # Decathlon dataset.json, BDMAP organ files, the phantom's)
+    label_names: dict | None = None
 
     def validate(self):
         if not self.output_dir:
@@ -66,6 +69,13 @@ class PrepareConfig:
             raise ConfigError("labels", "phantoms carry their own labels; do not pass --labels")
         if self.labels_dir and not os.path.isdir(self.labels_dir):
             raise ConfigError("labels", f"{self.labels_dir!r} is not a folder")
+        if self.labels_dir and self.source != sources.PHANTOM:
+            layout = sources.detect_layout(self.source)
+            if layout != "plain":
+                raise ConfigError("labels", f"{self.source} is a data set in the {layout} layout, "
+                                  "which brings its own labels; do not pass --labels")
+        if self.label_names is not None:
+            self.label_names = labelnames.check_names(self.label_names) or None
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.workers < 0:
@@ -260,23 +270,36 @@ def prepare(config, log=None):
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     config.validate()
-    gf = records.gfile()
     if config.source == sources.PHANTOM:
+        from rr_tf.data.phantom import LABEL_NAMES
+
         tasks, problems, notes = sources.phantom_tasks(config.num_cases, config.seed,
                                                        config.phantom_shape), [], []
+        layout, names = sources.PHANTOM, dict(LABEL_NAMES)
     else:
-        tasks, problems, notes = sources.discover(config.source, config.labels_dir,
-                                                  config.patient_table, config.dicom_all_series)
+        found = sources.find_cases(config.source, config.labels_dir, config.patient_table,
+                                   config.dicom_all_series)
+        tasks, problems, notes = found.tasks, found.problems, found.notes
+        layout, names = found.layout, found.label_names
+    names = labelnames.to_json(config.label_names or names)
+    if layout not in ("plain", sources.PHANTOM):
+        log(f"{config.source}: {layout} layout, {len(tasks)} case(s)"
+            + (f", labels {_describe_names(names)}" if names else ""))
     for note in notes:
         log(f"note: {note}")
     if not tasks and not problems:
         raise DataError(config.source, "no NIfTI files or DICOM series folders found")
 
+    gf = records.gfile()  # imports TensorFlow: after the checks of the source
     gf.makedirs(config.output_dir)
     _remove_stale_temporaries(config.output_dir)
     old = _existing_manifest(config, log)
     fingerprint = _fingerprint(config, tasks)
     if not problems and _is_current(old, fingerprint, config.output_dir):
+        if old.get("label_names") != names:  # names only: the shards stay as they are
+            old["label_names"] = names
+            records.write_manifest(config.output_dir, old)
+            log(f"{config.output_dir}: label names updated to {_describe_names(names)}")
         log(f"{config.output_dir}: up to date ({len(old['cases'])} cases, spec {old['spec_hash']}); "
             "nothing to do")
         return PrepareResult(manifest=old, bad=[], up_to_date=True)
@@ -326,6 +349,11 @@ def prepare(config, log=None):
             raise _Abort()
         if not cases_meta:
             raise DataError(config.source, "no case could be prepared")
+        unnamed = sorted({v for c in cases_meta for v in c.get("label_values", ())}
+                         - {0} - {int(k) for k in names or {}})
+        if names and unnamed:
+            log(f"warning: label value(s) {unnamed} occur in the label maps but have no name "
+                f"(label names: {_describe_names(names)})")
         shard_infos = []
         for w in writers.values():
             for writer, info in w.done:
@@ -352,7 +380,8 @@ def prepare(config, log=None):
         "source": {"source": config.source, "labels_dir": config.labels_dir,
                    "num_cases": config.num_cases if config.source == sources.PHANTOM else None,
                    "phantom_shape": list(config.phantom_shape) if config.source == sources.PHANTOM else None,
-                   "patient_table": config.patient_table},
+                   "patient_table": config.patient_table, "layout": layout},
+        "label_names": names,
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "compression": config.compression,
@@ -373,6 +402,14 @@ def prepare(config, log=None):
                 gf.remove(path)
     _summary(log, len(cases_meta), bad, published=True)
     return PrepareResult(manifest=manifest, bad=bad, published=True)
+
+
+def _describe_names(names):
+    """{"1": "liver", ...} -> '1=liver, 2=spleen' (shortened); 'none' for None."""
+    if not names:
+        return "none"
+    items = [f"{k}={v}" for k, v in names.items()]
+    return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
 
 
 def _remove_stale_temporaries(output_dir):

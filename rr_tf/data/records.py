@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from rr_tf.errors import DataError
+from rr_tf.data.labelnames import normalise
 from rr_tf.data.spec import PreprocessSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -159,8 +160,17 @@ def read_manifest(data_dir):
     if spec.hash != manifest.get("spec_hash"):
         raise DataError(path, f"spec hash {manifest.get('spec_hash')} does not match its spec "
                         f"({spec.hash}); the manifest was edited by hand?")
+    normalise(manifest.get("label_names"), path)  # raises DataError when malformed
+    manifest.setdefault("label_names", None)      # manifests older than the key
     manifest["spec_obj"] = spec
     return manifest
+
+
+def label_names(manifest):
+    """``{int value: name}`` recorded in a manifest (``"label_names"``,
+    string keys in the JSON); {} when the data set records none (plain
+    folders without ``--label_names``, manifests older than the key)."""
+    return normalise(manifest.get("label_names"), MANIFEST_NAME)
 
 
 def write_manifest(data_dir, manifest):

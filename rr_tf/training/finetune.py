@@ -472,6 +472,7 @@ def run_finetuning(config, log=None):
 
         paths = export_segmenter(segmenter, run.export, spec, window=tuple(config.crop_size),
                                  overlap=config.val_overlap, sample=preview["image"][:1],
-                                 largest_component=components)
+                                 largest_component=components,
+                                 label_names=records.label_names(manifest))
         log(f"exported the {'best' if best else 'last'} segmenter: {paths[0]} and {paths[1]}")
     return metrics
