@@ -57,14 +57,16 @@ flags.DEFINE_enum("patch_sampling", "class_balanced", ["class_balanced", "foregr
                   "How the --fg_fraction patches pick their centre: class_balanced = a class drawn "
                   "uniformly among the organs present in the case, then a voxel of it (nnU-Net); "
                   "foreground = any labelled voxel (large organs dominate).")
-flags.DEFINE_string("flip_axes", "0,1,2", "Axes the training patches are flipped on (each with "
-                    "p 0.5), comma separated, or 'none'. On RAS+ volumes axis 0 is left-right: "
-                    "flipping it swaps the sides of left/right organs (kidneys).")
-flags.DEFINE_boolean("intensity_augment", False, "nnU-Net's intensity augmentation of the "
+flags.DEFINE_string("flip_axes", "none", "Axes the training patches are flipped on (each with "
+                    "p 0.5), comma separated, or 'none' (the default: shards are in canonical RAS+ "
+                    "orientation, and flips cost held-out Dice at CPU budgets, docs/results.md). "
+                    "Axis 0 is left-right: flipping it swaps the sides of left/right organs.")
+flags.DEFINE_boolean("intensity_augment", True, "nnU-Net's intensity augmentation of the "
                      "training patches: noise, blur, contrast, gamma.")
-flags.DEFINE_float("tissue_shift_hu", 0.0, "Per-organ intensity augmentation: with p 0.5 each "
+flags.DEFINE_float("tissue_shift_hu", 100.0, "Per-organ intensity augmentation: with p 0.5 each "
                    "labelled organ's voxels move by their own offset U(-x, x) HU, as organs "
-                   "enhance differently between contrast phases; 0 = off.", lower_bound=0.0)
+                   "enhance differently between contrast phases (kidney 30 HU native, 165 "
+                   "portal-venous); 0 = off.", lower_bound=0.0)
 flags.DEFINE_enum("normalization", "stored", ["stored", "abdomen", "ct"], "Intensity "
                   "normalisation applied when the shards are read (no new shards needed): stored "
                   "= the shards' window mapped to [0, 1]; abdomen = clip to -175..250 HU, then "
