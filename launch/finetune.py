@@ -124,7 +124,7 @@ flags.register_validator("flip_axes", _valid_flip_axes, message="need distinct a
 def main(argv):
     if len(argv) > 1:
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
-    from rr_tf.training.finetune import FinetuneConfig, run_finetuning
+    from rr_tf.training.finetune_config import FinetuneConfig  # no TensorFlow yet
 
     def job():
         weights = None
@@ -151,6 +151,8 @@ def main(argv):
             consistency_noise=FLAGS.consistency_noise, **flagutil.run_settings(__file__))
         config.validate()  # bad flag values are named before any data is generated
         flagutil.ensure_phantom_data(FLAGS.data_dir)
+        from rr_tf.training.finetune import run_finetuning
+
         run_finetuning(config)
 
     flagutil.run_job(__file__, job)

@@ -93,14 +93,13 @@ def run_job(script, job):
     with one line when the run diverged (the last good checkpoint is kept),
     2 with one line on bad input or configuration (no traceback)."""
     from rr_tf.errors import RrTfError
-    from rr_tf.training.loop import TrainingDiverged
 
     try:
         job()
-    except TrainingDiverged as err:
-        fail(script, str(err), code=1)
     except (RrTfError, ValueError) as err:
-        fail(script, str(err))
+        # the training loop (and TensorFlow) are only imported once the job got that far
+        loop = sys.modules.get("rr_tf.training.loop")
+        fail(script, str(err), code=1 if loop and isinstance(err, loop.TrainingDiverged) else 2)
     sys.exit(0)
 
 
@@ -176,16 +175,11 @@ def _show(value):
     return str(value)
 
 
-def flagfile_config(path, config_cls):
-    """(values, crop_size) that a flagfile (nested flagfiles followed in
-    order, later lines win; paths relative to the repository root) sets
-    for the fields of ``config_cls``; crop_size is None when not set."""
-    import dataclasses
-
+def flagfile_values(path):
+    """{flag: text} a flagfile sets (nested flagfiles followed in order,
+    later lines win; paths relative to the repository root)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(config_cls)}
-    values, crop = {}, [None]
+    values = {}
 
     def read(p):
         with open(p) as f:
@@ -196,19 +190,33 @@ def flagfile_config(path, config_cls):
                 key, value = line[2:].split("=", 1)
                 if key == "flagfile":
                     read(value if os.path.isabs(value) else os.path.join(root, value))
-                elif key == "crop_size":
-                    crop[0] = tuple(int(v) for v in value.split(","))
-                elif key in defaults:
-                    default = defaults[key]
-                    if isinstance(default, bool):
-                        values[key] = value.lower() in ("true", "1")
-                    elif isinstance(default, tuple):
-                        values[key] = tuple(type(default[0])(v) for v in value.split(","))
-                    else:
-                        values[key] = type(default)(value)
+                else:
+                    values[key] = value
 
     read(path)
-    return values, crop[0]
+    return values
+
+
+def flagfile_config(path, config_cls):
+    """(values, crop_size) that a flagfile (:func:`flagfile_values`) sets
+    for the fields of ``config_cls``; crop_size is None when not set."""
+    import dataclasses
+
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(config_cls)}
+    values, crop = {}, None
+    for key, value in flagfile_values(path).items():
+        if key == "crop_size":
+            crop = tuple(int(v) for v in value.split(","))
+        elif key in defaults:
+            default = defaults[key]
+            if isinstance(default, bool):
+                values[key] = value.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                values[key] = tuple(type(default[0])(v) for v in value.split(","))
+            else:
+                values[key] = type(default)(value)
+    return values, crop
 
 
 RUN_FLAGS = []  # names defined by define_run_flags (recorded in flags.txt with the script's own)

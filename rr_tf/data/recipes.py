@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from rr_tf.data import augment, views
 from rr_tf.data.augment._common import sub_seed
+from rr_tf.data.options import PATCH_SAMPLING
 
 # HU above which a voxel counts as "body" for foreground-biased sampling.
 BODY_THRESHOLD_HU = -500
@@ -43,9 +44,6 @@ def random_crop(crop_size, foreground_p=0.0, threshold=BODY_THRESHOLD_HU):
         return {"view": tf.ensure_shape(view, crop_size + (1,)), "box": box}
 
     return fn
-
-
-PATCH_SAMPLING = ("class_balanced", "foreground")
 
 
 def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=2,

@@ -13,7 +13,6 @@ Run directory (``RunDir``; same resume rules as pre-training)::
     export/               segmenter.keras + SavedModel with sliding window
 """
 
-import dataclasses
 import inspect
 import json
 import math
@@ -26,131 +25,16 @@ import tensorflow as tf
 from rr_tf.data import records
 from rr_tf.data.pipeline import StreamConfig, case_dataset, view_dataset
 from rr_tf.data import recipes
-from rr_tf.data.spec import NORMALIZATIONS
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
 from rr_tf.training import loop, optim
 from rr_tf.training.run_dir import RunDir
-from rr_tf.training.settings import FINETUNE_DEFAULTS, RunSettings
+from rr_tf.training.finetune_config import (  # noqa: F401  (re-exported)
+    LARGEST_COMPONENT, SEGMENTER_CHOICES, FinetuneConfig, parse_budget)
 from rr_tf.training.segmentation import SegmentationTask, Validation, _read_best
 
 _DATA_RESEED = 1_000_003
 _UNLABELLED_RESEED = 7_919  # the unlabelled stream's seed offset (apart from the labelled one)
-SEGMENTER_CHOICES = ("auto", "unet", "hybrid", "unetr", "slice2d")
-LARGEST_COMPONENT = ("auto", "none", "all")
-
-
-def _default(value):
-    """A RunSettings default changed for fine-tuning (keyword-only, as there)."""
-    return dataclasses.field(default=value, kw_only=True)
-
-
-@dataclasses.dataclass
-class FinetuneConfig(RunSettings):
-    """A fine-tuning run: data, starting point, segmenter, labelled budget,
-    validation, the optional mean teacher, and the shared
-    :class:`~rr_tf.training.settings.RunSettings` (with fine-tuning's defaults)."""
-    data_dir: str
-    run_dir: str
-    pretrained: str | None = None        # run dir, export dir or .keras file; None = from scratch
-    parts: tuple | None = None           # restrict the parts loaded (default: all that match)
-    allow_spec_mismatch: bool = False
-    segmenter: str = "auto"              # auto = what the pre-training transfers into (else unet)
-    segmenter_args: dict = dataclasses.field(default_factory=dict)  # from scratch / overrides
-    num_labeled: str = "all"             # N cases, a fraction in (0, 1), or "all"
-    batch_size: int = _default(FINETUNE_DEFAULTS["batch_size"])
-    crops_per_volume: int = _default(FINETUNE_DEFAULTS["crops_per_volume"])
-    weight_decay: float = _default(FINETUNE_DEFAULTS["weight_decay"])
-    keep_checkpoints: int = _default(FINETUNE_DEFAULTS["keep_checkpoints"])
-    fg_fraction: float = 1.0 / 3.0
-    patch_sampling: str = "class_balanced"   # class_balanced | foreground (recipes.PATCH_SAMPLING)
-    # augmentation (docs/results.md, "Fine-tuning recipe": flips cost 0.20 held-out Dice at 1000
-    # steps on canonically oriented CT; the per-organ offsets carry labels across contrast phases)
-    flip_axes: tuple = ()                # patch flips (axis 0 = left-right on RAS+ volumes)
-    intensity_augment: bool = True       # nnU-Net's noise / blur / contrast / gamma
-    tissue_shift_hu: float = 100.0       # per-organ HU offsets U(-x, x) (contrast phases); 0 = off
-    normalization: str = "stored"        # read-time intensity normalisation (spec.NORMALIZATIONS)
-    freeze_encoder_steps: int = 0
-    class_weights: tuple | None = None
-    val_every: int = 100
-    val_overlap: float = 0.5
-    val_window_batch: int = 2
-    val_cases: int = 0               # validation volumes used (0 = every labelled val case)
-    largest_component: str = "auto"  # auto (chosen per class on validation) | none | all
-    # semi-supervised mean teacher (rr_tf.training.mean_teacher); 0 = off
-    consistency_weight: float = 0.0
-    consistency_rampup_steps: int = 0    # sigmoid ramp-up of the weight (0 = none)
-    teacher_momentum: float = 0.99       # EMA momentum of the teacher
-    unlabelled_batch_size: int = 0       # unlabelled patches per batch (0 = batch_size)
-    consistency_noise: float = 0.1       # std of the Gaussian input noise (network units)
-
-    @property
-    def mean_teacher(self):
-        return self.consistency_weight > 0
-
-    def validate(self):
-        if self.val_cases < 0:
-            raise ConfigError("val_cases", f"must be >= 0, got {self.val_cases}")
-        if self.segmenter not in SEGMENTER_CHOICES:
-            raise ConfigError("segmenter", f"must be one of {SEGMENTER_CHOICES}, got {self.segmenter!r}")
-        if self.pretrained and not os.path.exists(self.pretrained):
-            raise ConfigError("pretrained", f"{self.pretrained} does not exist")
-        self.validate_run()
-        if self.freeze_encoder_steps >= self.train_steps and self.freeze_encoder_steps:
-            raise ConfigError("freeze_encoder_steps", "must be smaller than train_steps")
-        if self.patch_sampling not in recipes.PATCH_SAMPLING:
-            raise ConfigError("patch_sampling", f"must be one of {recipes.PATCH_SAMPLING}, got "
-                              f"{self.patch_sampling!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ConfigError("normalization", f"must be one of {NORMALIZATIONS}, got "
-                              f"{self.normalization!r}")
-        if any(a not in (0, 1, 2) for a in self.flip_axes) or \
-                len(set(self.flip_axes)) != len(self.flip_axes):
-            raise ConfigError("flip_axes", f"must be distinct axes among 0, 1, 2, got "
-                              f"{self.flip_axes}")
-        if not (math.isfinite(self.tissue_shift_hu) and self.tissue_shift_hu >= 0):
-            raise ConfigError("tissue_shift_hu", f"must be a finite number >= 0 (0 = off), got "
-                              f"{self.tissue_shift_hu}")
-        if not 0.0 <= self.fg_fraction <= 1.0:
-            raise ConfigError("fg_fraction", "must be in [0, 1]")
-        if self.largest_component not in LARGEST_COMPONENT:
-            raise ConfigError("largest_component", f"must be one of {LARGEST_COMPONENT}, got "
-                              f"{self.largest_component!r}")
-        if not 0.0 <= self.val_overlap < 1.0:
-            raise ConfigError("val_overlap", "must be in [0, 1)")
-        parse_budget(self.num_labeled)
-        if not (math.isfinite(self.consistency_weight) and self.consistency_weight >= 0):
-            raise ConfigError("consistency_weight", f"must be a finite number >= 0 (0 = off), "
-                              f"got {self.consistency_weight}")
-        if self.consistency_rampup_steps < 0:
-            raise ConfigError("consistency_rampup_steps", f"must be >= 0 (0 = no ramp-up), got "
-                              f"{self.consistency_rampup_steps}")
-        if not 0.0 <= self.teacher_momentum < 1.0:
-            raise ConfigError("teacher_momentum", f"must be in [0, 1), got {self.teacher_momentum}")
-        if self.unlabelled_batch_size < 0:
-            raise ConfigError("unlabelled_batch_size", f"must be >= 0 (0 = batch_size), got "
-                              f"{self.unlabelled_batch_size}")
-        if not (math.isfinite(self.consistency_noise) and self.consistency_noise >= 0):
-            raise ConfigError("consistency_noise", f"must be a finite number >= 0, got "
-                              f"{self.consistency_noise}")
-
-
-def parse_budget(text):
-    """'all' -> None, '3' -> 3, '0.25' -> 0.25 (ConfigError otherwise)."""
-    text = str(text).strip()
-    if text == "all":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError("num_labeled", f"must be 'all', a count or a fraction, got {text!r}") from None
-    if value >= 1 and value == int(value):
-        return int(value)
-    if 0 < value < 1:
-        return value
-    raise ConfigError("num_labeled", f"must be 'all', a count >= 1 or a fraction in (0, 1), got {text!r}")
-
-
 def choose_labeled(manifest, budget, seed):
     """The labelled training cases of the budget, chosen reproducibly: the
     labelled training cases sorted by id, permuted by ``seed``, first N.
