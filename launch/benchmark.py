@@ -18,6 +18,14 @@
       every method at its demo model size, batch 4, at its demo crop and at
       64x64x32: samples/s (synthetic and end to end) and peak RSS.
 
+  python launch/benchmark.py --mode=finetune --torch_python=/path/to/venv/bin/python
+      the fine-tuning step of configs/demo_finetune.flags' network (U-Net
+      width, levels, norm, patch, batch): seconds per step on a synthetic
+      in-memory batch and end to end from the shards (--finetune_data_dir),
+      and, with --torch_python, the same network's step in PyTorch
+      (../shared/bench/torch_unet_step.py), alternated with ours over
+      --rounds rounds in one run; the ratio is of the medians.
+
 Mode 'e2e' (a whole pre-train -> fine-tune -> infer timing) is not
 implemented and is refused with a clear message.
 """
@@ -42,7 +50,7 @@ flagutil.quiet_tensorflow()
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_enum("mode", None, ["data", "model", "e2e"], "What to measure.")
+flags.DEFINE_enum("mode", None, ["data", "model", "finetune", "e2e"], "What to measure.")
 flags.DEFINE_integer("repeats", 5, "Phantoms timed per size (median reported).", lower_bound=1)
 flags.DEFINE_integer("num_cases", 12, "NIfTI cases in the preprocessing throughput run.", lower_bound=2)
 flags.DEFINE_string("spacing", "3,3,3", "Target spacing of the throughput run (mm).")
@@ -55,6 +63,16 @@ flags.DEFINE_integer("steps", 5, "Timed train steps per model figure (after one 
 flags.DEFINE_float("seconds", 20.0, "Seconds each stream is timed (after warm-up).", lower_bound=1.0)
 flags.DEFINE_string("output", "docs/benchmarks.md", "Markdown file whose section for this mode "
                     "is replaced by the new results ('' = print only).")
+flags.DEFINE_string("finetune_flagfile", "configs/demo_finetune.flags", "--mode=finetune: the "
+                    "fine-tuning flagfile whose network, patch and batch are timed.")
+flags.DEFINE_string("finetune_data_dir", "rr_tf_data/phantom_6mm", "--mode=finetune: shards for "
+                    "the end-to-end figure (skipped when absent).")
+flags.DEFINE_string("torch_python", "", "--mode=finetune: a Python with PyTorch that runs the "
+                    "peer step (../shared/bench/torch_unet_step.py); '' = no comparison.")
+flags.DEFINE_string("peer_script", os.path.join(os.path.dirname(ROOT), "shared", "bench",
+                                                "torch_unet_step.py"),
+                    "--mode=finetune: the PyTorch peer script.")
+flags.DEFINE_integer("rounds", 3, "--mode=finetune: alternating rounds (ours, peer).", lower_bound=1)
 flags.mark_flag_as_required("mode")
 flagutil.register_numbers_validator("spacing", 3, positive=True)
 
@@ -318,12 +336,114 @@ def run_model():
     return lines
 
 
+def _finetune_child(net, crop, batch, steps, data_dir, queue):
+    """Seconds per fine-tuning step of the segmenter ``net`` (synthetic
+    batch; end to end from ``data_dir``'s shards with the recipe's patches
+    and augmentation when they exist), in a fresh process."""
+    import keras
+    import tensorflow as tf
+
+    from rr_tf.data import recipes
+    from rr_tf.data.pipeline import StreamConfig, view_dataset
+    from rr_tf.training import finetune as ft
+    from rr_tf.training.optim import build_optimizer
+    from rr_tf.training.segmentation import SegmentationTask
+
+    keras.utils.set_random_seed(0)
+    task = SegmentationTask(ft.build_model("unet", 11, net), 11)
+    task.compile(optimizer=build_optimizer("adamw", 1e-3, 1000), jit_compile=False)
+    synthetic = {"image": tf.random.uniform((batch,) + crop + (1,)),
+                 "label": tf.random.uniform((batch,) + crop, 0, 11, tf.int32)}
+    task.build_for(synthetic)
+    step = tf.function(task.train_step)
+
+    def timed(next_batch):
+        for _ in range(2):
+            float(step(next_batch())["loss"])  # warm-up
+        times = []
+        for _ in range(steps):
+            b = next_batch()
+            t0 = time.perf_counter()
+            float(step(b)["loss"])
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    synth = timed(lambda: synthetic)
+    e2e = None
+    if os.path.exists(os.path.join(data_dir, "manifest.json")):
+        ds, _ = view_dataset(data_dir, "train", recipes.finetune_patch(
+            crop, spatial=recipes.finetune_augmentation(())),
+            StreamConfig(batch_size=batch, crops_per_volume=2), labelled=True)
+        it = iter(ds.map(lambda b: {"image": b["image"], "label": b["label"]}))
+        for _ in range(2):
+            float(step(next(it))["loss"])
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            float(step(next(it))["loss"])
+        e2e = (time.perf_counter() - t0) / steps
+    queue.put((synth, e2e, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def _torch_step(net, crop, batch, steps):
+    import json
+    import subprocess
+
+    norm = net.get("norm", "batch")
+    cmd = [FLAGS.torch_python, FLAGS.peer_script, f"--crop={','.join(map(str, crop))}",
+           f"--batch={batch}", f"--base={net['base_width']}", f"--levels={net['levels']}",
+           f"--norm={'none' if norm not in ('batch', 'instance') else norm}",
+           f"--steps={steps}", "--warmup=2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        flagutil.fail(__file__, f"--torch_python: the peer step failed: "
+                      f"{(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_finetune():
+    values = flagutil.flagfile_values(os.path.join(ROOT, FLAGS.finetune_flagfile))
+    net = {"base_width": int(values.get("base_width", 32)), "levels": int(values.get("levels", 4)),
+           "norm": values.get("norm", "batch")}
+    crop = tuple(int(v) for v in values.get("crop_size", "48,48,32").split(","))
+    batch = int(values.get("batch_size", 2))
+    ours, e2e, peer, rss = [], [], [], 0.0
+    for _ in range(FLAGS.rounds):
+        synth, end, peak = _in_child(_finetune_child, net, crop, batch, FLAGS.steps,
+                                     FLAGS.finetune_data_dir)
+        ours.append(synth)
+        rss = max(rss, peak)
+        if end is not None:
+            e2e.append(end)
+        if FLAGS.torch_python:
+            peer.append(_torch_step(net, crop, batch, FLAGS.steps))
+    what = (f"U-Net width {net['base_width']}, {net['levels']} levels, {net['norm']} norm, "
+            f"patch {'x'.join(map(str, crop))}, batch {batch}, 11 classes")
+    med = statistics.median(ours)
+    lines = [f"| rr_tf fine-tuning step ({what}), synthetic batch | median of {FLAGS.rounds} "
+             f"rounds {med:.3f} s/step (rounds {', '.join(f'{v:.3f}' for v in ours)}); peak RSS "
+             f"{rss:.0f} MB | - |"]
+    if e2e:
+        lines.append(f"| same, end to end from {FLAGS.finetune_data_dir} (class-balanced "
+                     f"patches, affine augmentation) | {statistics.median(e2e):.3f} s/step | - |")
+    if peer:
+        pmed = statistics.median(p["step_s_median"] for p in peer)
+        lines.append(f"| PyTorch {peer[0]['torch_version']} peer, same network (1 output channel, "
+                     f"MSE, SGD), {peer[0]['torch_num_threads']} threads | median {pmed:.3f} "
+                     f"s/step (rounds {', '.join(str(p['step_s_median']) for p in peer)}) | - |")
+        lines.append(f"| ratio rr_tf / PyTorch (medians, same run) | {med / pmed:.2f} | <= 1.2 |")
+    return lines
+
+
 def write_section(path, mode, lines):
     title = "--mode=model --method=all" if mode == "model-all" else f"--mode={mode}"
     header = [f"<!-- {mode}:begin -->", f"## `{title}`", "",
               f"Command: `python launch/benchmark.py --mode={mode.split('-')[0]} "
               + (f"--repeats={FLAGS.repeats} --num_cases={FLAGS.num_cases} "
                  f"--spacing={FLAGS.spacing} --seconds={FLAGS.seconds:g}`  " if mode == "data" else
+                 f"--finetune_flagfile={FLAGS.finetune_flagfile} --steps={FLAGS.steps} "
+                 f"--rounds={FLAGS.rounds} --finetune_data_dir={FLAGS.finetune_data_dir}"
+                 + (" --torch_python=PYTHON_WITH_TORCH" if FLAGS.torch_python else "") + "`  "
+                 if mode == "finetune" else
                  f"--method={FLAGS.method} --steps={FLAGS.steps} --data_dir={FLAGS.data_dir}`  "),
               f"Machine: {machine()}  ",
               f"Date: {datetime.date.today().isoformat()}", "",
@@ -353,6 +473,8 @@ def main(argv):
                       f"{', '.join(method_names())}, all")
     if FLAGS.mode == "data":
         lines = run_data()
+    elif FLAGS.mode == "finetune":
+        lines = run_finetune()
     else:
         lines = run_model_all() if FLAGS.method == "all" else run_model()
     print("\n".join(lines))
