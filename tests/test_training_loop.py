@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rr_tf.errors import ConfigError
+from rr_tf.errors import ConfigError, DataError
 from rr_tf.data.spec import PreprocessSpec
+from rr_tf.training import loop
 from rr_tf.training.loop import TrainConfig, TrainingDiverged, restore_latest, train
 from rr_tf.training.run_dir import RunDir
 
@@ -109,3 +110,31 @@ def test_run_dir_refuses_other_method_or_spec(tmp_path):
     with pytest.raises(ConfigError, match="spec"):
         RunDir(tmp_path / "r").prepare("reprec", PreprocessSpec(spacing=(3, 3, 3)), 10)
     assert RunDir(tmp_path / "r").prepare("mae", PreprocessSpec(), 10, overwrite=True) is False
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "truncated_index"])
+def test_unreadable_newest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path, damage):
+    """A kill (or a full disk) during a checkpoint write: the newest
+    checkpoint does not read. Resume names it, sets it aside, restores the
+    previous intact one and reaches the final step; a leftover *_temp
+    folder is removed."""
+    run, _, _ = _run(tmp_path, 4)
+    ckpt = tmp_path / "run" / "checkpoints"
+    target = glob.glob(str(ckpt / ("ckpt-4.data-*" if damage == "truncated_data" else "ckpt-4.index")))[0]
+    with open(target, "r+b") as f:
+        f.truncate(max(os.path.getsize(target) // 2, 1))
+    (ckpt / "ckpt-5_temp").mkdir()
+    said = []
+    assert loop.latest_step(str(ckpt), log=said.append) == 2
+    assert len(said) == 1 and "ckpt-4" in said[0] and "unreadable" in said[0], said
+    assert not (ckpt / "ckpt-5_temp").exists() and glob.glob(str(ckpt / "ckpt-4.*.unreadable"))
+    run, m, out = _run(tmp_path, 6)
+    assert out["resumed_from"] == 2 and out["step"] == 6 and run.state()["finished"]
+    m2 = _method()
+    assert restore_latest(m2, run.checkpoints) == 6
+    # nothing readable at all: one clear error naming the folder
+    for f in glob.glob(str(ckpt / "ckpt-*.index")):
+        with open(f, "r+b") as fh:
+            fh.truncate(3)
+    with pytest.raises(DataError, match="no readable checkpoint"):
+        restore_latest(_method(), run.checkpoints, log=lambda m: None)

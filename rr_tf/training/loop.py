@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from rr_tf.errors import ConfigError, RrTfError
+from rr_tf.errors import ConfigError, DataError, RrTfError
 from rr_tf.training import callbacks as cb
 
 
@@ -71,19 +71,79 @@ def checkpoint_for(method):
     return tf.train.Checkpoint(**_checkpoint_variables(method))
 
 
-def latest_step(checkpoint_dir):
-    """Step of the newest checkpoint in ``checkpoint_dir`` (0 if none), read
-    from its name without loading it (the launcher re-seeds data with it)."""
-    latest = tf.train.latest_checkpoint(checkpoint_dir)
+def _unreadable(path):
+    """Why checkpoint ``path`` cannot be read in full (every tensor is read:
+    a truncated ``.data`` or ``.index`` fails here), or None."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+    except Exception as err:  # noqa: BLE001  (any read failure means: do not resume from it)
+        text = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {text[0] if text else ''}"
+    return None
+
+
+def usable_checkpoint(checkpoint_dir, log=None):
+    """The newest checkpoint of ``checkpoint_dir`` that reads in full, or
+    None. On the way: removes ``*_temp`` leftovers of a write killed
+    half-way, and sets aside (renamed ``*.unreadable``, dropped from the
+    ``checkpoint`` state file) each newer checkpoint that does not read,
+    saying which file and why, so the run resumes from the previous intact
+    one (``keep_checkpoints`` >= 2 keeps one). Raises DataError when
+    checkpoints exist but none reads."""
+    import glob
+    import os
+    import shutil
+    import sys
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    for stale in glob.glob(os.path.join(checkpoint_dir, "*_temp*")):
+        shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+    state = tf.train.get_checkpoint_state(checkpoint_dir)
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    if state and state.model_checkpoint_path and state.model_checkpoint_path not in paths:
+        paths.append(state.model_checkpoint_path)
+    paths = [p if os.path.isabs(p) else os.path.join(checkpoint_dir, p) for p in paths]
+    bad = []
+    while paths:
+        newest = paths[-1]
+        why = _unreadable(newest)
+        if why is None:
+            break
+        bad.append(newest)
+        paths.pop()
+        for f in glob.glob(glob.escape(newest) + ".*"):
+            if not f.endswith(".unreadable"):
+                os.replace(f, f + ".unreadable")
+        log(f"warning: checkpoint {newest} is unreadable ({why}); set aside as *.unreadable, "
+            + (f"resuming from {os.path.basename(paths[-1])}" if paths else "no older one"))
+    if bad:
+        if not paths:
+            raise DataError(checkpoint_dir, f"no readable checkpoint: {len(bad)} unreadable "
+                            f"(set aside as *.unreadable); start again with --overwrite")
+        tf.compat.v1.train.update_checkpoint_state(checkpoint_dir, paths[-1],
+                                                   all_model_checkpoint_paths=paths)
+    return paths[-1] if paths else None
+
+
+def latest_step(checkpoint_dir, log=None):
+    """Step of the newest usable checkpoint in ``checkpoint_dir`` (0 if
+    none; :func:`usable_checkpoint`), read from its name without loading it
+    (the launcher re-seeds data with it)."""
+    latest = usable_checkpoint(checkpoint_dir, log)
     return int(latest.rsplit("-", 1)[1]) if latest else 0
 
 
-def restore_latest(method, checkpoint_dir):
-    """Restores the newest checkpoint in ``checkpoint_dir`` into ``method``
-    (which must be built and compiled). Returns the restored step (0 if none).
-    Raises if the checkpoint and the method do not hold exactly the same
-    variables (e.g. another architecture)."""
-    latest = tf.train.latest_checkpoint(checkpoint_dir)
+def restore_latest(method, checkpoint_dir, log=None):
+    """Restores the newest usable checkpoint in ``checkpoint_dir`` into
+    ``method`` (which must be built and compiled; an unreadable newer one is
+    set aside, :func:`usable_checkpoint`). Returns the restored step (0 if
+    none). Raises if the checkpoint and the method do not hold exactly the
+    same variables (e.g. another architecture)."""
+    latest = usable_checkpoint(checkpoint_dir, log)
     if latest is None:
         return 0
     if not method.optimizer.built:
@@ -95,9 +155,9 @@ def restore_latest(method, checkpoint_dir):
 
 def restore_weights(method, checkpoint_dir):
     """Restores only the model variables (weights, BN statistics, EMA
-    copies, queues) of the newest checkpoint, whatever optimizer wrote it
-    (export, HPT, inspection). Returns the checkpoint path, or None."""
-    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    copies, queues) of the newest usable checkpoint, whatever optimizer
+    wrote it (export, HPT, inspection). Returns the checkpoint path, or None."""
+    latest = usable_checkpoint(checkpoint_dir)
     if latest is None:
         return None
     model = tf.train.Checkpoint(**checkpoint_variables_of("model", method.weights))
