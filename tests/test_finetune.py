@@ -419,3 +419,14 @@ def test_nnunet_sgd_is_nesterov_099_with_polynomial_decay():
         FinetuneConfig(data_dir="d", run_dir="r", optimizer="nnunet_sgd", warmup_steps=5).validate()
     with pytest.raises(ConfigError, match="^optimizer:"):
         FinetuneConfig(data_dir="d", run_dir="r", optimizer="adam").validate()
+
+
+def test_a_crop_far_beyond_every_volume_is_refused_before_building(shards, tmp_path):
+    manifest = read_manifest(shards)
+    largest = [max(c["shape"][i] for c in manifest["cases"]) for i in range(3)]
+    big = (largest[0] * 3, 16, 16)
+    with pytest.raises(ConfigError, match=r"^crop_size: .*largest stored volume"):
+        run_finetuning(FinetuneConfig(data_dir=shards, run_dir=str(tmp_path / "big"),
+                                      crop_size=big, train_steps=1, verbose=0),
+                       log=lambda m: None)
+    assert not (tmp_path / "big").exists()  # nothing written

@@ -71,6 +71,11 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     # the same command on a finished run is refused with one line
     res = run_logged(_cmd(data_dir, run_dir), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "finished run" in res.stderr and "Traceback" not in res.stderr
+    # a crop far beyond every stored volume (64^3 here) is one line, before any run file
+    res = run_logged(_cmd(data_dir, tmp_path / "huge", "--crop_size=512,512,512"), env=ENV,
+                     capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "crop_size: 512x512x512" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "huge").exists()
 
     # export: .keras in this process vs SavedModel in a fresh one, at another size
     import keras

@@ -221,6 +221,7 @@ def run_finetuning(config, log=None):
     log = log or (lambda m: print(m, file=sys.stderr))
     config.validate()
     manifest = records.read_manifest(config.data_dir)
+    records.check_crop_fits(manifest, config.crop_size)
     spec = manifest["spec_obj"].with_normalization(config.normalization,
                                                    manifest.get("intensity_properties"))
     num_classes = num_classes_of(manifest)

@@ -77,6 +77,7 @@ def run_pretraining(config, log=None):
     config.validate()
     manifest = records.read_manifest(config.data_dir)
     spec = manifest["spec_obj"]
+    records.check_crop_fits(manifest, config.crop_size)
     cls = get_method(config.method)
     method_config = config.method_config or cls.Config()
     cls.check_config(method_config, config)
