@@ -3,6 +3,7 @@ low-precision dtype, while losses, the queue, the EMA copies and the
 variables stay float32; float16 uses loss scaling (and needs a GPU)."""
 
 import dataclasses
+import os
 
 import keras
 import numpy as np
@@ -16,6 +17,8 @@ from rr_tf.training.strategy import set_precision
 
 from test_reprec import TINY, _batch
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 @pytest.fixture
 def policy():
@@ -23,8 +26,33 @@ def policy():
     set_precision("none")
 
 
-def test_reprec_trains_in_bfloat16_with_float32_state(policy):
-    policy("bfloat16")
+def test_reprec_trains_in_bfloat16_with_float32_state():
+    """In a fresh process with oneDNN off (its bfloat16 Conv3D weight
+    gradients are NaN on AVX512-BF16 CPUs: refused, see the next test)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
+    res = subprocess.run([sys.executable, "-c", "import test_mixed_precision as t; t._bf16_run()"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "bf16 ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_bfloat16_is_refused_where_onednn_gives_nan_gradients(policy):
+    from rr_tf.training.strategy import onednn_bf16_unsafe
+
+    flags = "flags\t: fpu avx512f avx512_bf16 avx512_vnni\n"
+    assert onednn_bf16_unsafe(flags, {}) and onednn_bf16_unsafe(flags, {"TF_ENABLE_ONEDNN_OPTS": "1"})
+    assert not onednn_bf16_unsafe(flags, {"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert not onednn_bf16_unsafe("flags\t: fpu avx2 avx512f\n", {})
+    if onednn_bf16_unsafe() and not tf.config.list_logical_devices("GPU"):  # this machine
+        with pytest.raises(ConfigError, match="TF_ENABLE_ONEDNN_OPTS=0"):
+            policy("bfloat16")
+
+
+def _bf16_run():
+    set_precision("bfloat16")
     m = RepRec(TINY, seed=3)
     m.compile(optimizer=build_optimizer("adamw", 1e-3, 100, mixed_precision="bfloat16"),
               jit_compile=False)
@@ -49,6 +77,7 @@ def test_reprec_trains_in_bfloat16_with_float32_state(policy):
     moved = [not np.array_equal(a, v.numpy()) for a, v in zip(w0, m.encoder.trainable_weights)]
     assert sum(moved) > 0.9 * len(moved)
     assert all(np.isfinite(v.numpy()).all() for v in m.weights)
+    print("bf16 ok")
 
 
 def test_float16_is_refused_without_a_gpu(policy):

@@ -66,6 +66,24 @@ def resolve_jit_compile(mode, strategy):
     return accelerator_kind() == "gpu" and strategy.num_replicas_in_sync == 1
 
 
+def onednn_bf16_unsafe(cpuinfo=None, env=None):
+    """True where TensorFlow 2.21's oneDNN bfloat16 kernels were measured to
+    give NaN Conv3D weight gradients (a 2^3 feature map at a U-Net's deepest
+    level): a CPU with AVX512-BF16 while oneDNN is on (its default;
+    ``TF_ENABLE_ONEDNN_OPTS=0`` turns it off before TensorFlow starts).
+    ``cpuinfo``/``env``: /proc/cpuinfo's text and the environment (tests)."""
+    env = os.environ if env is None else env
+    if env.get("TF_ENABLE_ONEDNN_OPTS", "1").strip() == "0":
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    return "avx512_bf16" in cpuinfo
+
+
 def set_precision(policy):
     """Sets the Keras global dtype policy: 'none' (float32), 'bfloat16' or
     'float16' (mixed). Methods keep losses, queues and EMA in float32."""
@@ -77,5 +95,10 @@ def set_precision(policy):
     if policy == "float16" and accelerator_kind() != "gpu":
         raise ConfigError("mixed_precision", "float16 needs a GPU: TensorFlow has no float16 "
                           "MaxPool3D kernel on CPU; use bfloat16 on CPU and TPU")
+    if policy == "bfloat16" and accelerator_kind() == "cpu" and onednn_bf16_unsafe():
+        raise ConfigError("mixed_precision", "bfloat16 on this CPU (AVX512-BF16) with "
+                          "TensorFlow's oneDNN kernels gives NaN Conv3D weight gradients "
+                          "(measured with TF 2.21); set the environment variable "
+                          "TF_ENABLE_ONEDNN_OPTS=0 before starting, or use none (float32)")
     keras.mixed_precision.set_global_policy(names[policy])
     return names[policy]
