@@ -199,6 +199,13 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
 
     assert exported["label_names"] == {str(k): v for k, v in LABEL_NAMES.items()}
     assert SegmentationModel.load(str(run)).label_names == LABEL_NAMES
+    import glob
+
+    import tensorflow as tf
+
+    tags = {v.tag for e in glob.glob(str(run / "tensorboard" / "validation" / "events.*"))
+            for ev in tf.compat.v1.train.summary_iterator(e) for v in ev.summary.value}
+    assert "val/mean_dice" in tags and "val/dice_1_liver" in tags, tags
     assert set(post["dice_without_with"]) == {str(c) for c in range(1, 11)}
     assert set(post["largest_component"]) <= set(range(1, 11))
 

@@ -324,7 +324,8 @@ def run_finetuning(config, log=None):
     if val_cases:
         validation = Validation(val_cases, config.crop_size, config.val_every,
                                 os.path.join(run.path, "best"), run.tensorboard + "/validation",
-                                labels, config.val_overlap, config.val_window_batch, log=log)
+                                labels, config.val_overlap, config.val_window_batch, log=log,
+                                names=records.label_names(manifest))
         extra.append(validation)
     else:
         log("no labelled validation case: no validation, the last weights are exported")

@@ -147,8 +147,11 @@ class Validation(keras.callbacks.Callback):
     temporary name and renamed)."""
 
     def __init__(self, cases, window, every, best_dir, logdir, labels, overlap=0.5,
-                 window_batch=2, log=print):
+                 window_batch=2, log=print, names=None):
         super().__init__()
+        # TensorBoard tags val/dice_<label>_<name> when the data set names its labels
+        self.tags = {int(k): f"val/dice_{k}_{names[k]}" if names and k in names else
+                     f"val/dice_{k}" for k in labels}
         self.cases, self.window, self.every = cases, tuple(window), every
         self.best_dir, self.labels, self.overlap = best_dir, list(labels), overlap
         self.window_batch, self.log = window_batch, log
@@ -190,7 +193,8 @@ class Validation(keras.callbacks.Callback):
             tf.summary.scalar("val/mean_dice", mean)
             for label, stats in summary["classes"].items():
                 if not math.isnan(stats["dice_mean"]):
-                    tf.summary.scalar(f"val/dice_{label}", stats["dice_mean"])
+                    tf.summary.scalar(self.tags.get(int(label), f"val/dice_{label}"),
+                                      stats["dice_mean"])
         self.writer.flush()
         improved = self.best is None or mean > self.best["mean_dice"]
         self.log(f"validation at step {step}: mean Dice {mean:.4f}"
