@@ -64,6 +64,8 @@ def main(argv):
             method=FLAGS.method, data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir,
             method_config=method_config(cls), pairing=FLAGS.pairing, init_from=FLAGS.init_from,
             **flagutil.run_settings(__file__, sorted(METHOD_FLAGS)))
+        config.validate()  # bad flag values are named before any data is generated
+        cls.check_config(config.method_config, config)
         flagutil.ensure_phantom_data(FLAGS.data_dir)
         run_pretraining(config)
 

@@ -151,3 +151,15 @@ def test_same_command_same_seed_gives_bit_identical_weights(data_dir, tmp_path):
         if np.asarray(value).dtype.kind == "f" and not np.array_equal(value, other):
             moved += 1
     assert moved > 10
+
+
+def test_bad_flag_values_are_named_before_data_or_run_files(tmp_path):
+    """The demo's warm-up (20 steps) with --train_steps=3: one line, before
+    the phantom shards are generated or the run directory is made."""
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"),
+                      "--flagfile=configs/demo.flags", "--train_steps=3",
+                      f"--data_dir={tmp_path / 'data'}", f"--run_dir={tmp_path / 'run'}"],
+                     env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "warmup_steps: (20) must be smaller than train_steps (3)" \
+        in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()

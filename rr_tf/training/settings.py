@@ -60,6 +60,9 @@ class RunSettings:
             raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.warmup_steps and self.warmup_steps >= self.train_steps:
+            raise ConfigError("warmup_steps", f"({self.warmup_steps}) must be smaller than "
+                              f"train_steps ({self.train_steps})")
         if self.optimizer == "nnunet_sgd" and self.warmup_steps:
             raise ConfigError("warmup_steps", "nnunet_sgd uses nnU-Net's polynomial decay from the "
                               "first step; set --warmup_steps=0")
