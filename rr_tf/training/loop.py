@@ -71,9 +71,21 @@ def checkpoint_for(method):
     return tf.train.Checkpoint(**_checkpoint_variables(method))
 
 
+_READABLE = set()  # (path, size and mtime of its files) already read in full in this process
+
+
 def _unreadable(path):
     """Why checkpoint ``path`` cannot be read in full (every tensor is read:
-    a truncated ``.data`` or ``.index`` fails here), or None."""
+    a truncated ``.data`` or ``.index`` fails here), or None. A checkpoint
+    read once is not read again while its files are unchanged (resume asks
+    twice: for the data seed, then to restore)."""
+    import glob
+    import os
+
+    stamp = (path, tuple(sorted((f, os.path.getsize(f), os.path.getmtime(f))
+                                for f in glob.glob(glob.escape(path) + ".*"))))
+    if stamp in _READABLE:
+        return None
     try:
         reader = tf.train.load_checkpoint(path)
         for key in reader.get_variable_to_shape_map():
@@ -81,6 +93,7 @@ def _unreadable(path):
     except Exception as err:  # noqa: BLE001  (any read failure means: do not resume from it)
         text = str(err).strip().splitlines()
         return f"{type(err).__name__}: {text[0] if text else ''}"
+    _READABLE.add(stamp)
     return None
 
 
