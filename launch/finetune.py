@@ -67,6 +67,16 @@ flags.DEFINE_float("tissue_shift_hu", 100.0, "Per-organ intensity augmentation: 
                    "labelled organ's voxels move by their own offset U(-x, x) HU, as organs "
                    "enhance differently between contrast phases (kidney 30 HU native, 165 "
                    "portal-venous); 0 = off.", lower_bound=0.0)
+flags.DEFINE_list("scale_range", ["0.9", "1.1"], "Spatial augmentation: the patch content is "
+                  "zoomed by a factor U(LOW, HIGH) (nnU-Net: 0.7,1.4).")
+flags.DEFINE_float("rotation_degrees", 10.0, "Spatial augmentation: rotations up to +-x degrees "
+                   "about each axis (nnU-Net: 30).", lower_bound=0.0, upper_bound=180.0)
+flags.DEFINE_float("anisotropy", 0.0, "Spatial augmentation: each axis is zoomed by a further "
+                   "factor U(1 - x, 1 + x), for bodies and organs that differ in width and depth "
+                   "independently.", lower_bound=0.0, upper_bound=0.49)
+flags.DEFINE_float("elastic_voxels", 0.0, "Spatial augmentation: a smooth random displacement "
+                   "(a 4x4x4 lattice interpolated over the patch) of up to x voxels; 0 = off.",
+                   lower_bound=0.0, upper_bound=16.0)
 flags.DEFINE_enum("normalization", "stored", ["stored", "abdomen", "ct"], "Intensity "
                   "normalisation applied when the shards are read (no new shards needed): stored "
                   "= the shards' window mapped to [0, 1]; abdomen = clip to -175..250 HU, then "
@@ -117,6 +127,16 @@ def _valid_flip_axes(text):
     return all(a in (0, 1, 2) for a in axes) and len(set(axes)) == len(axes)
 
 
+def _valid_scale_range(values):
+    try:
+        lo, hi = (float(v) for v in values)
+    except (TypeError, ValueError):
+        return False
+    return 0 < lo <= hi <= 4
+
+
+flags.register_validator("scale_range", _valid_scale_range, message="need LOW,HIGH with "
+                         "0 < LOW <= HIGH <= 4")
 flags.register_validator("flip_axes", _valid_flip_axes, message="need distinct axes among 0,1,2 "
                          "separated by commas, or 'none'")
 
@@ -139,7 +159,9 @@ def main(argv):
             segmenter_args=args, num_labeled=FLAGS.num_labeled, fg_fraction=FLAGS.fg_fraction,
             patch_sampling=FLAGS.patch_sampling, flip_axes=_flip_axes(FLAGS.flip_axes),
             intensity_augment=FLAGS.intensity_augment, tissue_shift_hu=FLAGS.tissue_shift_hu,
-            normalization=FLAGS.normalization,
+            scale_range=tuple(float(v) for v in FLAGS.scale_range),
+            rotation_degrees=FLAGS.rotation_degrees, anisotropy=FLAGS.anisotropy,
+            elastic_voxels=FLAGS.elastic_voxels, normalization=FLAGS.normalization,
             freeze_encoder_steps=FLAGS.freeze_encoder_steps, class_weights=weights,
             val_every=FLAGS.val_every, val_overlap=FLAGS.val_overlap,
             val_window_batch=FLAGS.val_window_batch, val_cases=FLAGS.val_cases,

@@ -161,6 +161,66 @@ def test_affine_moves_image_and_label_together():
     assert changed == 4
 
 
+def test_deform_identity_and_centre_crop():
+    x = volume((20, 18, 12, 1))
+    lab = tf.cast(x[..., 0] * 5, tf.int32)
+    y, ly = A.random_deform(x, [3, 4], label=lab, scale=(1.0, 1.0), degrees=0.0)
+    np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(ly.numpy(), lab.numpy())
+    # a smaller output grid reads the centre of the input
+    y, ly = A.random_deform(x, [3, 4], label=lab, out_shape=(10, 8, 6), scale=(1.0, 1.0),
+                            degrees=0.0)
+    assert y.shape == (10, 8, 6, 1) and ly.shape == (10, 8, 6)
+    np.testing.assert_allclose(y.numpy(), x.numpy()[5:15, 5:13, 3:9], atol=1e-6)
+    np.testing.assert_array_equal(ly.numpy(), lab.numpy()[5:15, 5:13, 3:9])
+
+
+def test_deform_zoom_of_a_linear_ramp_is_exact():
+    """Zoom s about the centre: output voxel o reads c + (o - c) / s. On a
+    ramp (trilinear interpolation is exact on linear functions) each axis's
+    value follows that map, with the per-axis anisotropic factor bounded."""
+    d, h, w = 21, 17, 13
+    ramp = np.arange(d, dtype=np.float32)[:, None, None, None] * np.ones((d, h, w, 1), np.float32)
+    y = A.random_deform(tf.constant(ramp), [1, 1], scale=(2.0, 2.0), degrees=0.0).numpy()
+    c = (d - 1) / 2.0
+    np.testing.assert_allclose(y[:, 3, 3, 0], c + (np.arange(d) - c) / 2.0, atol=1e-4)
+    for i in range(4):
+        y = A.random_deform(tf.constant(ramp), [i, 9], scale=(1.0, 1.0), degrees=0.0,
+                            anisotropy=0.2).numpy()[:, 5, 5, 0]
+        slope = (y[12] - y[8]) / 4.0  # 1 / a with a in [0.8, 1.2]
+        assert 1 / 1.2 - 1e-4 <= slope <= 1 / 0.8 + 1e-4
+
+
+def test_deform_moves_image_and_label_together_with_elastic_and_context():
+    """Image = label intensity everywhere: after rotation, zoom and elastic
+    displacement every output voxel still reads its label's intensity
+    (nearest and trilinear agree away from edges), the displacement stays
+    within its amplitude, and the input region asked for holds the reach."""
+    d, h, w = 40, 40, 28
+    lab = np.zeros((d, h, w), np.int32)
+    lab[8:30, 6:24, 6:20] = 1
+    lab[14:22, 20:36, 10:18] = 2
+    img = tf.constant(lab[..., None].astype(np.float32))
+    field = A.smooth_displacement([4, 4], (20, 20, 12), 3.0)
+    assert all(float(tf.reduce_max(tf.abs(f))) <= 3.0 + 1e-5 for f in field)
+    assert float(tf.math.reduce_std(field[0])) > 0.3  # not zero
+    out = (20, 20, 12)
+    need = A.deform_input_size(out, scale=(0.8, 1.2), degrees=20.0, anisotropy=0.1, elastic=3.0)
+    assert all(n >= o for n, o in zip(need, out))
+    assert A.deform_input_size(out, scale=(1.0, 1.0), degrees=0.0)[0] <= out[0] + 2
+    changed = 0
+    for i in range(4):
+        y, ly = A.random_deform(img, [i, 7], label=tf.constant(lab), out_shape=out,
+                                scale=(0.8, 1.2), degrees=20.0, anisotropy=0.1, elastic=3.0)
+        y, ly = y.numpy()[..., 0], ly.numpy()
+        assert set(np.unique(ly)) <= {0, 1, 2}
+        inner = ndimage.binary_erosion(ly == ly, iterations=1)
+        agree = np.abs(y - ly)[inner] < 0.5
+        assert agree.mean() > 0.95
+        changed += int((ly != lab[10:30, 10:30, 8:20]).sum() > 0)
+    assert changed == 4
+
+
 def test_trilinear_sample_matches_scipy():
     rng = np.random.default_rng(1)
     vol = rng.random((6, 7, 5)).astype(np.float32)

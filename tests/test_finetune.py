@@ -392,7 +392,8 @@ def test_finetune_under_a_read_time_normalisation_exports_and_refuses_it(shards,
                          segmenter_args={"base_width": 2, "levels": 3}, train_steps=1,
                          batch_size=2, crop_size=(16, 16, 16), checkpoint_every=1, val_every=1,
                          verbose=0, seed=1, export=True, intensity_augment=True,
-                         tissue_shift_hu=50.0, flip_axes=(1, 2))
+                         tissue_shift_hu=50.0, flip_axes=(1, 2), scale_range=(0.8, 1.25),
+                         rotation_degrees=20.0, anisotropy=0.1, elastic_voxels=2.0)
     run_finetuning(cfg, log=lambda m: None)
     exported = PreprocessSpec.from_json(open(run / "export" / "preprocess.json").read())
     assert exported == ct and exported.scaling == "ct"
@@ -410,6 +411,10 @@ def test_finetune_under_a_read_time_normalisation_exports_and_refuses_it(shards,
         FinetuneConfig(data_dir=shards, run_dir=str(run), flip_axes=(0, 3)).validate()
     with pytest.raises(ConfigError, match="^tissue_shift_hu:"):
         FinetuneConfig(data_dir=shards, run_dir=str(run), tissue_shift_hu=-1.0).validate()
+    for bad in (dict(scale_range=(1.2, 0.9)), dict(scale_range=(0.0, 1.0)),
+                dict(rotation_degrees=-1.0), dict(anisotropy=0.6), dict(elastic_voxels=-2.0)):
+        with pytest.raises(ConfigError, match=f"^{next(iter(bad))}:"):
+            FinetuneConfig(data_dir=shards, run_dir=str(run), **bad).validate()
 
 
 def test_nnunet_sgd_is_nesterov_099_with_polynomial_decay():

@@ -227,6 +227,28 @@ def test_tissue_shift_moves_each_organ_by_its_own_offset():
     assert np.allclose(out["image"].numpy(), to_unit(40).numpy())
 
 
+def test_finetune_patch_crops_the_deformations_reach():
+    """A zoom-out reads beyond the patch: the patch is cut with the region
+    the augmentation asks for (same centre), so the border shows what lies
+    around it (here: air outside a volume the size of the patch, label 0)
+    instead of repeating the patch's edge."""
+    label = np.ones((16, 16, 8), np.int32)
+    image = tf.fill((16, 16, 8, 1), tf.constant(200, tf.int16))
+    to_unit = lambda x: (tf.cast(x, tf.float32) + 1000.0) / 2000.0  # noqa: E731
+    aug = recipes.finetune_augmentation((), scale=(0.5, 0.5), degrees=0.0)
+    assert aug.input_size((16, 16, 8))[0] >= 32
+    fn = recipes.finetune_patch((16, 16, 8), fg_fraction=0.0, spatial=aug)
+    out = fn(image, tf.constant(label), tf.constant([1, 2], tf.int32), to_unit)
+    img, lab = out["image"].numpy()[..., 0], out["label"].numpy()
+    assert img.shape == (16, 16, 8) and lab.shape == (16, 16, 8)
+    np.testing.assert_array_equal(lab[4:12, 4:12, 2:6], 1)   # the volume, zoomed out by 2
+    assert lab[0].max() == 0 and lab[:, 0].max() == 0        # air around it
+    np.testing.assert_allclose(img[lab == 1], to_unit(200).numpy(), atol=1e-3)
+    np.testing.assert_allclose(img[lab == 0], 0.0, atol=1e-3)
+    with pytest.raises(ValueError, match="scale range"):
+        recipes.finetune_augmentation((), scale=(1.2, 0.8))
+
+
 def test_finetune_augmentation_flips_only_the_axes_asked():
     """Label 1 fills the low half of axis 0, label 2 the high half: a flip of
     axis 0 swaps their order, the rotation (<= 10 deg) and scale never do."""

@@ -58,8 +58,10 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=
     be missed). ``spatial``: ``"default"`` = :func:`paired_spatial` (flips +
     small affine, the label resampled with nearest neighbour), None = no
     augmentation (the image then stays int16 HU until the stream scales the
-    batch), or any ``fn(image, label, seed) -> (image, label)`` such as
-    :func:`finetune_augmentation`. ``tissue_shift_hu`` > 0 (only with
+    batch), or any ``fn(image, label, seed) -> (image, label)``; one with an
+    ``input_size(patch_size)`` attribute, such as
+    :func:`finetune_augmentation`, is given the larger region it asks for
+    (same centre) and ``patch_size`` as its fourth argument. ``tissue_shift_hu`` > 0 (only with
     augmentation): with probability ``tissue_shift_p`` each labelled organ's
     voxels move by their own offset ``~ U(-tissue_shift_hu, tissue_shift_hu)``
     HU (:func:`~rr_tf.data.augment.label_offsets`), a stand-in for the
@@ -69,6 +71,9 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=
     if spatial == "default":
         spatial = paired_spatial
     patch_size = tuple(int(c) for c in patch_size)
+    in_shape = (tuple(spatial.input_size(patch_size)) if hasattr(spatial, "input_size")
+                else patch_size)
+    in_size = tf.constant(in_shape, tf.int32)
 
     def fn(image, label, seed, to_unit):
         s_coin, s_pick, s_uni, s_aug, s_cls = tf.unstack(
@@ -91,15 +96,20 @@ def finetune_patch(patch_size, fg_fraction=1.0 / 3.0, spatial="default", stride=
 
         box = tf.cond(tf.logical_and(_coin(s_coin, fg_fraction), n > 0), centred,
                       lambda: views.random_box(shape, size, s_uni))
-        img = tf.ensure_shape(views.crop(image, box, pad_value=views.PAD_HU), patch_size + (1,))
-        lab = tf.ensure_shape(views.crop(label, box), patch_size)
+        # a deformation reads beyond the patch: crop its whole reach, same centre
+        read = views.make_box(box[0] - (in_size - size) // 2, in_size)
+        img = tf.ensure_shape(views.crop(image, read, pad_value=views.PAD_HU), in_shape + (1,))
+        lab = tf.ensure_shape(views.crop(label, read), in_shape)
         if spatial is not None:  # augmentation works on network units
             img = to_unit(img)
             if tissue_shift_hu > 0:
                 per_hu = to_unit(tf.constant(1.0)) - to_unit(tf.constant(0.0))
                 img = augment.label_offsets(img, lab, sub_seed(s_aug, 7),
                                             tissue_shift_hu * per_hu, p=tissue_shift_p)
-            img, lab = spatial(img, lab, s_aug)
+            if hasattr(spatial, "input_size"):
+                img, lab = spatial(img, lab, s_aug, patch_size)
+            else:
+                img, lab = spatial(img, lab, s_aug)
         return {"image": img, "label": tf.cast(lab, tf.int32), "box": box}
 
     return fn
@@ -120,27 +130,41 @@ _NOISE_HU = 25.0
 _GAMMA_LOG = (math.log(0.7), math.log(1.5))
 
 
-def finetune_augmentation(flip_axes=(0, 1, 2), intensity=False, hu_per_unit=2000.0):
-    """``fn(image, label, seed) -> (image, label)`` for :func:`finetune_patch`:
-    flips on ``flip_axes`` only (on RAS+-ordered volumes axis 0 is
-    left-right: flipping it swaps the sides of left/right organ labels),
-    the small affine of :func:`paired_spatial`, and with ``intensity``
-    nnU-Net's intensity augmentation: Gaussian noise (p 0.1, sd up to
-    25 HU), blur (p 0.2, sigma 0.5-1 voxel), contrast about the patch mean
-    (p 0.15, x0.75-1.25), gamma (p 0.3, 0.7-1.5). ``hu_per_unit``: HU per
-    network unit (the spec's window width), to size the noise."""
+def finetune_augmentation(flip_axes=(0, 1, 2), intensity=False, hu_per_unit=2000.0,
+                          scale=(0.9, 1.1), degrees=10.0, anisotropy=0.0, elastic=0.0):
+    """``fn(image, label, seed, out_shape) -> (image, label)`` for
+    :func:`finetune_patch`: flips on ``flip_axes`` only (on RAS+-ordered
+    volumes axis 0 is left-right: flipping it swaps the sides of left/right
+    organ labels), a :func:`~rr_tf.data.augment.random_deform` (zoom
+    ``U(scale)``, per-axis factors ``1 +- anisotropy``, rotations up to
+    ``degrees`` about each axis, a smooth elastic displacement of up to
+    ``elastic`` voxels), and with ``intensity`` nnU-Net's intensity
+    augmentation: Gaussian noise (p 0.1, sd up to 25 HU), blur (p 0.2,
+    sigma 0.5-1 voxel), contrast about the patch mean (p 0.15,
+    x0.75-1.25), gamma (p 0.3, 0.7-1.5). ``hu_per_unit``: HU per network
+    unit (the spec's window width), to size the noise. ``fn.input_size(
+    patch_size)`` is the region to crop so that the deformation reads real
+    context around an output patch of ``patch_size``."""
     flip_axes = tuple(sorted(set(int(a) for a in flip_axes)))
     if any(a not in (0, 1, 2) for a in flip_axes):
         raise ValueError(f"flip axes must be among 0, 1, 2, got {flip_axes}")
+    scale = (float(scale[0]), float(scale[1]))
+    if not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"scale range must be 0 < low <= high, got {scale}")
+    if not 0 <= anisotropy < 1 or elastic < 0 or not 0 <= degrees <= 180:
+        raise ValueError(f"need 0 <= anisotropy < 1, elastic >= 0, 0 <= degrees <= 180, got "
+                         f"{anisotropy}, {elastic}, {degrees}")
     noise = _NOISE_HU / float(hu_per_unit)
+    deform = dict(scale=scale, degrees=float(degrees), anisotropy=float(anisotropy),
+                  elastic=float(elastic))
 
     @tf.function(jit_compile=True)
-    def fn(image, label, seed):
+    def apply(image, label, seed, out_shape):
         s_flip, s_aff, s_int = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         if flip_axes:
             image, label, _ = augment.random_flip(image, s_flip, label=label, axes=flip_axes)
-        image, label = augment.random_affine(image, s_aff, label=label, scale=(0.9, 1.1),
-                                             degrees=10.0)
+        image, label = augment.random_deform(image, s_aff, label=label, out_shape=out_shape,
+                                             **deform)
         if intensity:
             s = [sub_seed(s_int, i) for i in range(4)]
             image = augment.gaussian_noise(image, s[0], std=(0.0, noise), p=0.1)
@@ -149,6 +173,11 @@ def finetune_augmentation(flip_axes=(0, 1, 2), intensity=False, hu_per_unit=2000
             image = augment.random_gamma(image, s[3], log_gamma=_GAMMA_LOG, p=0.3)
         return image, label
 
+    def fn(image, label, seed, out_shape=None):
+        shape = tuple(image.shape[:3]) if out_shape is None else tuple(int(n) for n in out_shape)
+        return apply(image, label, seed, shape)
+
+    fn.input_size = lambda patch_size: augment.deform_input_size(patch_size, **deform)
     return fn
 
 

@@ -273,8 +273,10 @@ def run_finetuning(config, log=None):
                           seed=config.seed + _DATA_RESEED * step0, case_ids=tuple(labelled))
     recipe = recipes.finetune_patch(
         config.crop_size, fg_fraction=config.fg_fraction, sampling=config.patch_sampling,
-        spatial=recipes.finetune_augmentation(config.flip_axes, config.intensity_augment,
-                                              hu_per_unit=spec.hu_per_unit),
+        spatial=recipes.finetune_augmentation(
+            config.flip_axes, config.intensity_augment, hu_per_unit=spec.hu_per_unit,
+            scale=config.scale_range, degrees=config.rotation_degrees,
+            anisotropy=config.anisotropy, elastic=config.elastic_voxels),
         tissue_shift_hu=config.tissue_shift_hu)
     dataset, _ = view_dataset(config.data_dir, "train", recipe, stream, labelled=True, spec=spec)
     dataset = dataset.map(lambda b: {"image": b["image"], "label": b["label"]})

@@ -44,6 +44,10 @@ class FinetuneConfig(RunSettings):
     flip_axes: tuple = ()                # patch flips (axis 0 = left-right on RAS+ volumes)
     intensity_augment: bool = True       # nnU-Net's noise / blur / contrast / gamma
     tissue_shift_hu: float = 100.0       # per-organ HU offsets U(-x, x) (contrast phases); 0 = off
+    scale_range: tuple = (0.9, 1.1)      # zoom of the patch content (random_deform)
+    rotation_degrees: float = 10.0       # rotations up to +-x degrees about each axis
+    anisotropy: float = 0.0              # per-axis zoom factors 1 +- x
+    elastic_voxels: float = 0.0          # smooth elastic displacement up to x voxels; 0 = off
     normalization: str = "stored"        # read-time intensity normalisation (spec.NORMALIZATIONS)
     freeze_encoder_steps: int = 0
     class_weights: tuple | None = None
@@ -86,6 +90,19 @@ class FinetuneConfig(RunSettings):
         if not (math.isfinite(self.tissue_shift_hu) and self.tissue_shift_hu >= 0):
             raise ConfigError("tissue_shift_hu", f"must be a finite number >= 0 (0 = off), got "
                               f"{self.tissue_shift_hu}")
+        lo_hi = tuple(self.scale_range)
+        if len(lo_hi) != 2 or not all(math.isfinite(v) for v in lo_hi) or \
+                not 0 < lo_hi[0] <= lo_hi[1] <= 4:
+            raise ConfigError("scale_range", f"must be LOW,HIGH with 0 < LOW <= HIGH <= 4, got "
+                              f"{self.scale_range}")
+        if not 0.0 <= self.rotation_degrees <= 180.0:
+            raise ConfigError("rotation_degrees", f"must be in [0, 180], got "
+                              f"{self.rotation_degrees}")
+        if not 0.0 <= self.anisotropy < 0.5:
+            raise ConfigError("anisotropy", f"must be in [0, 0.5), got {self.anisotropy}")
+        if not (math.isfinite(self.elastic_voxels) and 0.0 <= self.elastic_voxels <= 16.0):
+            raise ConfigError("elastic_voxels", f"must be in [0, 16] (0 = off), got "
+                              f"{self.elastic_voxels}")
         if not 0.0 <= self.fg_fraction <= 1.0:
             raise ConfigError("fg_fraction", "must be in [0, 1]")
         if self.largest_component not in LARGEST_COMPONENT:

@@ -7,7 +7,8 @@ shapes (no py_function, no numpy on the hot path).
 
 - spatial (image + optional label, nearest for labels): :func:`random_flip`
   (returns the 3 flip bits), :func:`random_rot90` (returns k),
-  :func:`random_affine`, with helpers :func:`trilinear_sample`,
+  :func:`random_affine`, :func:`random_deform` (rotation, anisotropic zoom,
+  elastic; output grid may be smaller than the input), with helpers :func:`trilinear_sample`,
   :func:`nearest_sample`, :func:`rot90`, :func:`apply_flips`;
 - intensity (torchio-like): :func:`gaussian_blur`, :func:`gaussian_noise`,
   :func:`random_gamma`, :func:`patch_swap`, :func:`z_normalize`,
@@ -25,13 +26,15 @@ from rr_tf.data.augment.intensity import (
     blur, gamma, gaussian_blur, gaussian_noise, label_offsets, patch_swap, random_contrast,
     random_gamma, z_normalize)
 from rr_tf.data.augment.spatial import (
-    affine_coords, apply_flips, nearest_sample, random_affine, random_flip, random_rot90,
-    rot90, rotation_matrix, trilinear_sample)
+    affine_coords, apply_flips, deform_input_size, nearest_sample, random_affine,
+    random_deform, random_flip, random_rot90, rot90, rotation_matrix, smooth_displacement,
+    trilinear_sample)
 
 __all__ = [
     "random_apply",
     "random_flip", "random_rot90", "random_affine", "apply_flips", "rot90",
     "rotation_matrix", "affine_coords", "trilinear_sample", "nearest_sample",
+    "random_deform", "deform_input_size", "smooth_displacement",
     "gaussian_blur", "blur", "gaussian_noise", "random_gamma", "gamma", "patch_swap",
     "random_contrast", "label_offsets",
     "z_normalize",

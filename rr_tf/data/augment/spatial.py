@@ -1,4 +1,5 @@
-"""Spatial augmentations: flips, rot90, small affine (image + optional label).
+"""Spatial augmentations: flips, rot90, small affine, nnU-Net-style
+deformation (rotation, anisotropic zoom, elastic; image + optional label).
 
 Images are resampled trilinearly, labels with nearest neighbour, both by the
 same transform. All shapes are channels-last (D, H, W, C); a label may be
@@ -164,15 +165,87 @@ def nearest_sample(volume, coords, fill_value=None):
     return val
 
 
-def affine_coords(shape, matrix):
+def affine_coords(shape, matrix, out_shape=None, displacement=None):
     """Input coordinates sampled by each output voxel of a (D, H, W) grid for
-    a centred linear map ``in = c + matrix @ (out - c)`` (c the grid centre):
-    three (D, H, W) float32 tensors, built by broadcasting (no (N, 3) grid)."""
-    centre = [(n - 1) / 2.0 for n in shape]
-    r = [tf.range(n, dtype=tf.float32) - centre[a] for a, n in enumerate(shape)]
+    a centred linear map ``in = c_in + matrix @ (out - c_out)`` (c the grid
+    centres; ``out_shape`` defaults to ``shape``), plus an optional
+    ``displacement`` (three tensors of ``out_shape``, in input voxels):
+    three ``out_shape`` float32 tensors, built by broadcasting (no (N, 3)
+    grid)."""
+    out_shape = tuple(shape) if out_shape is None else tuple(out_shape)
+    c_in = [(n - 1) / 2.0 for n in shape]
+    r = [tf.range(n, dtype=tf.float32) - (n - 1) / 2.0 for n in out_shape]
     r = [r[0][:, None, None], r[1][None, :, None], r[2][None, None, :]]
     m = tf.cast(matrix, tf.float32)
-    return [centre[k] + m[k, 0] * r[0] + m[k, 1] * r[1] + m[k, 2] * r[2] for k in range(3)]
+    coords = [c_in[k] + m[k, 0] * r[0] + m[k, 1] * r[1] + m[k, 2] * r[2] for k in range(3)]
+    coords = [tf.broadcast_to(c, out_shape) for c in coords]
+    if displacement is not None:
+        coords = [c + d for c, d in zip(coords, displacement)]
+    return coords
+
+
+def smooth_displacement(seed, shape, amplitude, grid=4):
+    """A smooth random displacement field over a (D, H, W) grid: three
+    tensors of ``shape`` (voxels), trilinear interpolation of independent
+    ``U(-amplitude, amplitude)`` values on a ``grid``^3 lattice spanning the
+    grid (correlation length about ``shape / (grid - 1)``)."""
+    coarse = uniform(seed, [grid, grid, grid, 3], -float(amplitude), float(amplitude))
+    axes = [tf.range(n, dtype=tf.float32) * ((grid - 1) / max(n - 1, 1)) for n in shape]
+    co = tf.meshgrid(*axes, indexing="ij")
+    field = trilinear_sample(coarse, co)
+    return [field[..., k] for k in range(3)]
+
+
+def deform_input_size(out_shape, scale=(0.9, 1.1), degrees=10.0, anisotropy=0.0,
+                      elastic=0.0):
+    """Size of the input region that :func:`random_deform` can read for an
+    output of ``out_shape`` with these ranges (a bound: the smallest zoom,
+    the largest rotation about all three axes, the largest displacement),
+    so that a caller crops it from the volume instead of letting the
+    output's corners repeat the patch's edge."""
+    zoom = 1.0 / (float(scale[0]) * (1.0 - float(anisotropy)))
+    half = [(n - 1) / 2.0 * zoom for n in out_shape]
+    theta = min(math.radians(abs(float(degrees))) * math.sqrt(3.0), math.pi / 2)
+    size = []
+    for k, h in enumerate(half):
+        others = max([half[j] for j in range(3) if j != k])
+        reach = h * max(math.cos(theta), 0.0) + others * math.sin(theta) if theta else h
+        reach = max(reach, h) + float(elastic)
+        size.append(max(int(out_shape[k]), 2 * int(math.ceil(reach)) + 2))
+    return tuple(size)
+
+
+def random_deform(x, seed, label=None, out_shape=None, scale=(0.9, 1.1), degrees=10.0,
+                  anisotropy=0.0, elastic=0.0, grid=4):
+    """Random rotation, (an)isotropic zoom and smooth elastic deformation
+    about the centre, sampled on an output grid of ``out_shape`` (default:
+    the input's; a larger input gives the transform real context to read,
+    see :func:`deform_input_size`), nnU-Net's spatial augmentation.
+
+    Draws one zoom ``s ~ U(scale)``, per-axis factors ``U(1 - anisotropy,
+    1 + anisotropy)``, three angles ``~ U(-degrees, degrees)`` and, when
+    ``elastic`` > 0, a :func:`smooth_displacement` of up to ``elastic``
+    input voxels. Output voxel ``o`` reads ``c_in + R diag(1 / (s a)) (o -
+    c_out) + u(o)``. Images are trilinear (clamped at the input's edge),
+    the label nearest. Returns ``x`` or ``(x, label)`` at ``out_shape``.
+    """
+    seed = as_seed(seed)
+    x = tf.convert_to_tensor(x)
+    in_shape = static_spatial_shape(x, "random_deform")
+    out_shape = tuple(in_shape) if out_shape is None else tuple(int(n) for n in out_shape)
+    s = uniform(sub_seed(seed, 1), [], float(scale[0]), float(scale[1]))
+    a = uniform(sub_seed(seed, 2), [3], 1.0 - float(anisotropy), 1.0 + float(anisotropy))
+    ang = uniform(sub_seed(seed, 3), [3], -float(degrees), float(degrees))
+    matrix = rotation_matrix(ang * (math.pi / 180.0)) / (s * a)[None, :]
+    disp = (smooth_displacement(sub_seed(seed, 4), out_shape, elastic, grid)
+            if elastic > 0 else None)
+    coords = affine_coords(in_shape, matrix, out_shape, disp)
+    out = tf.reshape(trilinear_sample(x, coords), out_shape + (x.shape[-1],))
+    if label is None:
+        return out
+    lab, squeeze = prepare_label(label)
+    lab = tf.reshape(nearest_sample(lab, coords), out_shape + (1,))
+    return out, finish_label(lab, squeeze)
 
 
 def random_affine(x, seed, label=None, scale=(0.9, 1.1), degrees=10.0, p=1.0,
