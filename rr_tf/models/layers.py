@@ -73,7 +73,47 @@ def with_channels(shape, channels):
 
 CONV = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}
 CONV_TRANSPOSE = {2: keras.layers.Conv2DTranspose, 3: keras.layers.Conv3DTranspose}
-MAX_POOL = {2: keras.layers.MaxPooling2D, 3: keras.layers.MaxPooling3D}
+
+
+@_register
+class MaxPool(keras.layers.Layer):
+    """Max pooling by 2 along every spatial axis (stride 2, 'valid': an odd
+    trailing voxel is dropped) whose gradient is split equally among tied
+    maxima, the same in every backend, with and without XLA.
+
+    Why not ``keras.layers.MaxPooling3D``: TensorFlow's own MaxPool3D
+    gradient gives the *whole* gradient to every tied maximum (x8 in a
+    constant 2x2x2 window), XLA's (GPU, TPU, ``jit_compile``) and JAX's to
+    one of them, so the same step trained differently with and without
+    XLA wherever CT is constant (air clipped to the window, padding). Here
+    the window maximum is taken one axis at a time (reshape + max), whose
+    gradient is the mean over ties in every backend (tests/test_models.py).
+    Without ties it equals max pooling exactly, forward and backward."""
+
+    def __init__(self, rank=3, **kwargs):
+        super().__init__(**kwargs)
+        self.rank = check_rank(rank)
+
+    def call(self, x):
+        r = self.rank
+        shape = ops.shape(x)
+        sizes = [shape[1 + a] // 2 for a in range(r)]
+        x = x[(slice(None),) + tuple(slice(0, 2 * n) for n in sizes)]
+        channels = shape[-1]
+        inner = channels
+        for n in sizes:
+            inner = inner * (2 * n)
+        for a in range(r):  # pool axis a: the (already pooled) leading axes go to -1
+            inner = inner // (2 * sizes[a])
+            x = ops.max(ops.reshape(x, (-1, 2, inner)), axis=1)
+        return ops.reshape(x, (-1, *sizes, channels))
+
+    def compute_output_shape(self, input_shape):
+        spatial = [None if n is None else n // 2 for n in input_shape[1:1 + self.rank]]
+        return (input_shape[0], *spatial, input_shape[-1])
+
+    def get_config(self):
+        return dict(super().get_config(), rank=self.rank)
 
 
 def check_rank(rank):

@@ -19,7 +19,7 @@ Layer paths (for transfer by name): ``enc1/unit1/conv``, ``enc1/unit1/norm``,
 
 import keras
 
-from rr_tf.models.layers import (CONV, CONV_TRANSPOSE, MAX_POOL, NORMS, ConvBlock, _register,
+from rr_tf.models.layers import (CONV, CONV_TRANSPOSE, NORMS, ConvBlock, MaxPool, _register,
                                  with_channels)
 
 
@@ -65,7 +65,7 @@ class UNetBase(keras.Model):
         n = len(self.stage_filters)
         self.enc_blocks = [ConvBlock(f, norm=norm, rank=r, name=f"enc{k + 1}", dtype=dt)
                            for k, f in enumerate(self.stage_filters)]
-        self.pools = [MAX_POOL[r](2, name=f"pool{k + 1}", dtype=dt) for k in range(1, n)]
+        self.pools = [MaxPool(r, name=f"pool{k + 1}", dtype=dt) for k in range(1, n)]
         self.up_convs, self.dec_blocks, self.head = [], [], None
         if not self.encoder_only:
             for k in range(n - 1, 0, -1):  # 1-based stage index of the skip
