@@ -39,6 +39,14 @@ flags.DEFINE_enum("pairing", "views", ["views", "patient"], "Two-view contrastiv
                   "links several (patient = MICLe; a lone scan falls back to two views of itself).")
 flags.DEFINE_string("init_from", None, "Start from the weights of this run directory or "
                     "checkpoint (HPT); heads are reset.")
+flags.DEFINE_integer("probe_every", 500, "Frozen-feature probe every N steps (and at step 0 and "
+                     "the end): a linear classifier of the organ labels on the transferable "
+                     "encoder's frozen features of a few labelled patches, scored on other cases; "
+                     "logged as probe/* in TensorBoard, probe.json and metrics.json. 0 = off; "
+                     "skipped with a note when the shards hold fewer than two labelled cases.",
+                     lower_bound=0)
+flags.DEFINE_integer("probe_patches", 8, "Probe: labelled patches (crop size) to fit on, and as "
+                     "many of other cases to score on; its cost grows with this.", lower_bound=1)
 
 # --- method hyper-parameters: one flag per field of the methods' Config
 # dataclasses (same name), default = the chosen method's published value
@@ -63,6 +71,7 @@ def main(argv):
         config = PretrainConfig(
             method=FLAGS.method, data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir,
             method_config=method_config(cls), pairing=FLAGS.pairing, init_from=FLAGS.init_from,
+            probe_every=FLAGS.probe_every, probe_patches=FLAGS.probe_patches,
             **flagutil.run_settings(__file__, sorted(METHOD_FLAGS)))
         config.validate()  # bad flag values are named before any data is generated
         cls.check_config(config.method_config, config)

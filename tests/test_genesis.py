@@ -55,12 +55,14 @@ def test_target_is_the_clean_crop_with_the_flips_of_the_input():
     assert len(seen) > 1  # the seeds exercised several flip patterns
 
 
-def test_local_shuffling_permutes_voxels_without_changing_their_values():
+def test_local_shuffling_moves_voxels_without_changing_their_values():
     out = _sample([3, 3], shuffle_p=1.0, nonlinear_p=0.0, paint_p=0.0)
     x, t = out["input"], out["target"]
     assert not np.array_equal(x, t)
-    np.testing.assert_array_equal(np.sort(x.ravel()), np.sort(t.ravel()))
-    # small blocks (at most a tenth of the crop per axis) tile part of the crop
+    # every value comes from the target (windows read the original crop, as
+    # the reference's do; overlapping windows may repeat a value)
+    assert np.isin(x.ravel(), t.ravel()).all()
+    # small windows (at most a tenth of the crop per axis) cover most of it
     assert 0.05 < np.mean(x != t) < 0.95
 
 

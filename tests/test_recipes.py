@@ -59,3 +59,21 @@ def test_contrastive_pair():
     assert out["view1"].shape == (24, 24, 16, 1) and out["view2"].shape == (24, 24, 16, 1)
     assert views.iou3d(out["box1"], out["box2"]).numpy() >= 0.4
     assert not np.array_equal(out["view1"], out["view2"])
+
+
+def test_pcrl_and_pcrlv2_apply_their_intensity_transforms_always_as_the_reference():
+    """torchio's defaults (p = 1), as the PCRL / PCRLv2 reference code uses
+    them: every PCRLv2 input is augmented and z-normalised (targets are
+    not), every PCRL view is blurred. With p = 0.5 one of the 4 seeds x 2
+    views would come through untouched with probability 1 - (1/2)^8."""
+    v2 = recipes.pcrlv2_views(global_sizes=((32, 32, 16),), global_out=(32, 32, 16),
+                              local_sizes=((8, 8, 8),), local_out=(8, 8, 8), num_local=2)
+    v1 = recipes.pcrl_views((32, 32, 16), shuffle_p=0.0, paint_p=0.0)
+    for seed in ([1, 1], [2, 3], [9, 4], [7, 7]):
+        out = _run(v2, seed)
+        for x in (out["global1"], out["global2"], *out["locals"]):
+            assert abs(x.mean()) < 1e-4 and abs(x.std() - 1.0) < 1e-3
+        assert 0.0 <= out["target1"].min() and out["target1"].max() <= 1.0
+        out = _run(v1, seed)
+        for i in (1, 2):
+            assert not np.allclose(out[f"view{i}"], out[f"target{i}"], atol=1e-3), (seed, i)

@@ -222,19 +222,19 @@ def _spatial_xla(crops, seeds, affine):
 
 
 @tf.function(jit_compile=True)
-def _blur_xla(crops, seeds):
-    return tf.stack([augment.gaussian_blur(crops[i], seeds[i], sigma=(0.0, 2.0), p=0.5)
+def _blur_xla(crops, seeds, p=0.5):
+    return tf.stack([augment.gaussian_blur(crops[i], seeds[i], sigma=(0.0, 2.0), p=p)
                      for i in range(crops.shape[0])])
 
 
 @tf.function(jit_compile=True)
-def _gamma_swap_xla(crops, seeds, swap):
+def _gamma_swap_xla(crops, seeds, swap, p=0.5):
     out = []
     for i in range(crops.shape[0]):
         s_gamma, s_swap = tf.unstack(tf.random.experimental.stateless_split(seeds[i], 2))
-        x = augment.random_gamma(crops[i], s_gamma, log_gamma=(-0.3, 0.3), p=0.5)
+        x = augment.random_gamma(crops[i], s_gamma, log_gamma=(-0.3, 0.3), p=p)
         if swap:
-            x = augment.patch_swap(x, s_swap, patch=(8, 4, 4), num_swaps=100, p=0.5)
+            x = augment.patch_swap(x, s_swap, patch=(8, 4, 4), num_swaps=100, p=p)
         out.append(x)
     return tf.stack(out)
 
@@ -246,16 +246,18 @@ def _spatial(crops, seed, affine=True):
     return _spatial_xla(crops, seeds, affine)
 
 
-def _intensity(crops, seed, swap):
-    """Per crop of a stack: blur, noise, gamma (each p 0.5) and, for global
-    views, patch swap (p 0.5)."""
+def _intensity(crops, seed, swap, p=0.5, znorm=False):
+    """Per crop of a stack: blur, noise, gamma (each with probability ``p``)
+    and, for global views, patch swap (``p``); then, with ``znorm``, each
+    crop z-normalised (PCRLv2's torchio ZNormalization)."""
     n = crops.shape[0]
     s = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    x = _blur_xla(crops, tf.random.experimental.stateless_split(s[0], n))
+    x = _blur_xla(crops, tf.random.experimental.stateless_split(s[0], n), p)
     noise_seeds = tf.random.experimental.stateless_split(s[1], n)
-    x = tf.stack([augment.gaussian_noise(x[i], noise_seeds[i], std=(0.0, 0.25), p=0.5)
+    x = tf.stack([augment.gaussian_noise(x[i], noise_seeds[i], std=(0.0, 0.25), p=p)
                   for i in range(n)])
-    return _gamma_swap_xla(x, tf.random.experimental.stateless_split(s[2], n), swap)
+    x = _gamma_swap_xla(x, tf.random.experimental.stateless_split(s[2], n), swap, p)
+    return tf.stack([augment.z_normalize(x[i]) for i in range(n)]) if znorm else x
 
 
 PCRLV2_GLOBAL_SIZES = ((64, 64, 32), (80, 80, 40), (96, 96, 48), (112, 112, 56))
@@ -268,8 +270,10 @@ def pcrlv2_views(global_out=(64, 64, 32), local_out=(16, 16, 16), num_local=6, m
     """PCRLv2 sample: two global crops (IoU >= ``min_iou``, resized to
     ``global_out``) and ``num_local`` local crops drawn inside their union
     box (resized to ``local_out``). Spatial augmentation, then intensity
-    augmentation (patch swap on globals only). ``target1/2`` are the globals
-    after spatial and before intensity augmentation (restoration targets)."""
+    augmentation as the reference's torchio defaults apply it: blur, noise,
+    gamma and (globals only) patch swap each with probability 1, then every
+    input z-normalised. ``target1/2`` are the globals after spatial and
+    before intensity augmentation (restoration targets, not normalised)."""
     global_out, local_out = tuple(global_out), tuple(local_out)
 
     def fn(image, seed, to_unit):
@@ -278,9 +282,10 @@ def pcrlv2_views(global_out=(64, 64, 32), local_out=(16, 16, 16), num_local=6, m
         lboxes = views.local_boxes(views.union_box(b1, b2), num_local, local_sizes, s[1])
         globs = tf.stack([_crop_unit(image, b, global_out, to_unit) for b in (b1, b2)])
         targets = _spatial(globs, s[2], spatial_affine)
-        globs = _intensity(targets, s[3], swap=True)
+        globs = _intensity(targets, s[3], swap=True, p=1.0, znorm=True)
         locs = tf.stack([_crop_unit(image, lboxes[j], local_out, to_unit) for j in range(num_local)])
-        locs = _intensity(_spatial(locs, s[4], spatial_affine), s[5], swap=False)
+        locs = _intensity(_spatial(locs, s[4], spatial_affine), s[5], swap=False, p=1.0,
+                          znorm=True)
         return {"box1": b1, "box2": b2, "local_boxes": lboxes, "target1": targets[0],
                 "target2": targets[1], "global1": globs[0], "global2": globs[1], "locals": locs}
 
@@ -490,8 +495,8 @@ def pcrl_views(crop_size, min_iou=0.3, scales=(1.0, 1.25, 1.5), shuffle_p=0.5, p
 
     Per view ``i``: ``target{i}`` is the crop after spatial augmentation
     (flip + small affine: PCRL's torchio RandomFlip + RandomAffine);
-    ``view{i}``, the network input, is the target after Gaussian blur (p 0.5,
-    PCRL's RandomBlur) and the Genesis local pixel shuffling (``shuffle_p``)
+    ``view{i}``, the network input, is the target after Gaussian blur (PCRL's
+    torchio RandomBlur, at its default p = 1) and the Genesis local pixel shuffling (``shuffle_p``)
     and painting (``paint_p``; out-painting ``outpaint_p``, else
     in-painting); ``aug{i}`` is the 7-d vector of a further flip + rot90
     (:func:`pcrl_transform`) and ``aug_target{i}`` the target transformed by
@@ -504,7 +509,7 @@ def pcrl_views(crop_size, min_iou=0.3, scales=(1.0, 1.25, 1.5), shuffle_p=0.5, p
         b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
         pair = tf.stack([_crop_unit(image, b, crop_size, to_unit) for b in (b1, b2)])
         clean = _spatial(pair, s[1], spatial_affine)
-        blurred = _blur_xla(clean, tf.random.experimental.stateless_split(s[2], 2))
+        blurred = _blur_xla(clean, tf.random.experimental.stateless_split(s[2], 2), 1.0)
         s_corrupt = tf.random.experimental.stateless_split(s[3], 2)
         s_transform = tf.random.experimental.stateless_split(s[4], 2)
         out = {"box1": b1, "box2": b2}

@@ -48,6 +48,13 @@ Choices, where the public code (Luchixiang/PCRL, 3D) differs or is silent:
   permutation pairs samples *within* each replica's batch (the partners'
   inputs stay local); the keys of all replicas are gathered before they are
   enqueued.
+* As the reference, which enqueues the keys of each of its three contrast
+  calls, a step with input mixup enqueues three key sets (the plain keys,
+  the keys of the mixed inputs and the mixed keys: the pointer moves by 3 x
+  the global batch); without it one. Unlike the reference, all three are
+  enqueued after the step, so the second and third terms do not see the
+  first term's keys of the same step among their negatives (one batch in a
+  queue of 16384).
 """
 
 import dataclasses
@@ -300,7 +307,7 @@ class PCRL(PretrainMethod):
         pyr_q = self.unet.encode(v1, training=training)
         q = self.head(pyr_q[-1], training=training)
         l_plain, logits = losses.info_nce(q, k, queue, cfg.temperature)
-        contrast = [l_plain]
+        contrast, enqueue = [l_plain], [k]
 
         # preservation: the gated student decodes its transformed target; the
         # cross-model mix (both gated by their own vectors) the mixed target
@@ -315,9 +322,10 @@ class PCRL(PretrainMethod):
             pyr_km, km = self.keys(xm2)
             pyr_qm = self.unet.encode(xm1, training=training)
             qm = self.head(pyr_qm[-1], training=training)
+            k_mix = mix(k, tf.gather(k, perm), lam)
             contrast += [losses.info_nce(qm, km, queue, cfg.temperature)[0],
-                         losses.info_nce(qm, mix(k, tf.gather(k, perm), lam), queue,
-                                         cfg.temperature)[0]]
+                         losses.info_nce(qm, k_mix, queue, cfg.temperature)[0]]
+            enqueue += [km, k_mix]  # the reference enqueues the keys of each of its 3 calls
             outputs.update(mixup=self.restore(pyr_qm, training),
                            mixup_cross=self.restore(cross_mix(pyr_qm, pyr_km, alpha2), training))
 
@@ -328,6 +336,7 @@ class PCRL(PretrainMethod):
         return {"loss": l_con + l_rest, "loss_contrast": l_con, "loss_restore": l_rest,
                 "restore_transformed": terms["transformed"], "restore_cross": terms["cross"],
                 "restore_mixup": mixup, "logits": logits, "queries": q, "keys": k,
+                "enqueue": ops.concatenate(enqueue, axis=0),
                 "outputs": outputs, "targets": targets}
 
     # ------------------------------------------------------------ training
@@ -340,7 +349,7 @@ class PCRL(PretrainMethod):
             out = self.objective(batch, draws, training=True)
             scaled = self.replica_scaled(out["loss"])
         self.backprop(tape, scaled, self.trainable_variables)
-        self.queue.enqueue(out["keys"])  # all replicas' keys, FIFO
+        self.queue.enqueue(out["enqueue"])  # the 1 or 3 key sets of all replicas, FIFO
         return self.report(
             loss=out["loss"], loss_contrast=out["loss_contrast"], loss_restore=out["loss_restore"],
             restore_transformed=out["restore_transformed"], restore_cross=out["restore_cross"],

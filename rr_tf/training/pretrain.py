@@ -11,6 +11,7 @@ from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, view_dataset
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
 from rr_tf.training import loop, optim
+from rr_tf.training.probe import DEFAULT_EVERY, LinearProbe, ProbeCallback, ProbeConfig
 from rr_tf.training.run_dir import RunDir
 from rr_tf.training.settings import RunSettings
 
@@ -27,9 +28,15 @@ class PretrainConfig(RunSettings):
     method_config: object = None
     pairing: str = "views"       # "views" | "patient" (MICLe: views from two scans of a patient)
     init_from: str | None = None
+    probe_every: int = DEFAULT_EVERY  # frozen-feature probe every N steps (0 = off)
+    probe_patches: int = 8            # labelled patches it fits on (and as many it scores on)
+
+    def probe_config(self):
+        return ProbeConfig(every=self.probe_every, patches=self.probe_patches, seed=self.seed)
 
     def validate(self):
         self.validate_run()
+        self.probe_config().validate()
         if self.pairing not in ("views", "patient"):
             raise ConfigError("pairing", f"must be 'views' or 'patient', got {self.pairing!r}")
         if self.init_from and not os.path.exists(self.init_from):
@@ -71,6 +78,21 @@ def micle_summary(manifest):
     return line
 
 
+def make_probe(config, run, log):
+    """The frozen-feature probe callback of a run, or None (off, too few
+    labelled cases, or a run shorter than one probe interval: one line)."""
+    if not config.probe_every:
+        return None
+    if config.probe_every > config.train_steps:
+        log(f"probe: off (--probe_every={config.probe_every} > --train_steps={config.train_steps})")
+        return None
+    probe = LinearProbe.from_data(config.data_dir, config.crop_size, config.probe_config(), log)
+    if probe is None:
+        return None
+    return ProbeCallback(probe, config.probe_every, os.path.join(run.tensorboard, "probe"),
+                         run.probe, log)
+
+
 def run_pretraining(config, log=None):
     """Runs (or resumes) a pre-training; returns the final metrics dict."""
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -109,6 +131,7 @@ def run_pretraining(config, log=None):
             report = method.init_from(config.init_from)
             report.save(os.path.join(run.path, "init_from.json"))
             log(f"init_from: {report.summary()}; details in {run.path}/init_from.json")
+    probe = make_probe(config, run, log)
     hparams = dict(dataclasses.asdict(method_config), method=config.method,
                    batch_size=config.batch_size, crop_size=str(config.crop_size), pairing=config.pairing,
                    learning_rate=config.learning_rate, optimizer=config.optimizer,
@@ -119,8 +142,10 @@ def run_pretraining(config, log=None):
                                          keep_checkpoints=config.keep_checkpoints,
                                          log_every=config.log_every, image_every=config.image_every,
                                          global_batch_size=config.batch_size, verbose=config.verbose),
-                        preview_batch=preview, hparams=hparams)
+                        preview_batch=preview, hparams=hparams,
+                        callbacks=[probe] if probe else None)
     metrics = dict(result["metrics"], step=result["step"], spec_hash=spec.hash, method=config.method)
+    metrics.update(probe.last() if probe else {})
     run.write_metrics(metrics)
     if config.export:
         from rr_tf.export import export_method

@@ -8,6 +8,7 @@
       tensorboard/      scalars, images, hyper-parameters
       export/           .keras files and SavedModels
       metrics.json      final numbers
+      probe.json        frozen-feature probe results, one per probe (rr_tf.training.probe)
 
 Re-running the same command on an existing RUN_DIR resumes from the last
 checkpoint. A finished run is refused unless ``overwrite`` or a larger
@@ -43,6 +44,7 @@ class RunDir:
         self.tensorboard = os.path.join(self.path, "tensorboard")
         self.export = os.path.join(self.path, "export")
         self.metrics = os.path.join(self.path, "metrics.json")
+        self.probe = os.path.join(self.path, "probe.json")
 
     def state(self):
         if not os.path.exists(self.state_path):
@@ -60,7 +62,7 @@ class RunDir:
         if state is not None and overwrite:
             for sub in (self.checkpoints, self.tensorboard, self.export):
                 shutil.rmtree(sub, ignore_errors=True)
-            for f in (self.state_path, self.metrics):
+            for f in (self.state_path, self.metrics, self.probe):
                 if os.path.exists(f):
                     os.remove(f)
             state = None

@@ -1,8 +1,12 @@
 """torchio-like intensity augmentations (images only), as used by PCRL/PCRLv2.
 
-Defaults follow torchio's (each transform applied with p=1): blur sigma in
-[0, 2] per axis, noise std in [0, 0.25], log-gamma in [-0.3, 0.3], swap of
-100 patch pairs. Values are not clipped.
+The ops' defaults follow torchio's (each transform applied with p = 1):
+blur sigma in [0, 2] per axis, noise std in [0, 0.25], log-gamma in
+[-0.3, 0.3], swap of 100 patch pairs. Values are not clipped. The recipes
+(``rr_tf.data.recipes``) choose the probabilities: PCRL and PCRLv2 use
+torchio's p = 1 as their reference code does (PCRLv2 then z-normalises every
+input); the two-view recipes of MoCo, SimCLR, RepRec, PGL and the multi-task
+method keep p = 0.5 (an rr_tf choice; no reference code prescribes theirs).
 """
 
 import math
