@@ -502,6 +502,25 @@ _TWO_REPLICAS = textwrap.dedent(
     got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     print("SHUFFLE_OK")
+
+    # --- batch statistics of a sync_batch target: global with synchronized=True
+    def sync_net():
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                                 keras.layers.BatchNormalization(synchronized=True)])
+    with strategy.scope():
+        sync_online = sync_net()
+        sync_enc = M.MomentumEncoder(sync_online, momentum=0.9)
+    whole = sync_enc(tf.constant(xs), batch_stats=True).numpy()  # one device, all 8 rows
+
+    def split(sync):
+        out = tf.function(lambda d: strategy.run(
+            lambda v: sync_enc(v, batch_stats=True, synchronized=sync), args=(d,)))(
+            per_replica(lambda r: tf.constant(xs)[4 * r:4 * r + 4]))
+        return np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
+    np.testing.assert_allclose(split(True), whole, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(split(False), whole, rtol=1e-3, atol=1e-4)  # per-replica statistics
+    assert sync_enc.target.layers[1].synchronized  # the switch restored it
+    print("SYNC_TARGET_OK")
     """
 )
 
@@ -515,5 +534,5 @@ def test_two_replica_mirrored_strategy():
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for tag in ("QUEUE_OK", "EMA_OK", "NTXENT_OK", "SHUFFLE_OK"):
+    for tag in ("QUEUE_OK", "EMA_OK", "NTXENT_OK", "SHUFFLE_OK", "SYNC_TARGET_OK"):
         assert tag in proc.stdout, out[-4000:]

@@ -196,7 +196,9 @@ class RepRec(ContrastiveBranch, PretrainMethod):
         tokens, grid = self.encoder.tokens(fmap)
         latent = self.encoder.encode_tokens(tokens, ids_keep, training=training)
         pred = self.encoder.decode_tokens(latent, ids_restore, grid, training=training)
-        features = self.cnn_ema(v1, batch_stats=self.key_bn_groups > 0)[-1]
+        # the target needs no shuffled groups: with --norm=sync_batch its BatchNorm
+        # normalises by the global batch, so it does not depend on the replica count
+        features = self.cnn_ema(v1, batch_stats=self.key_bn_groups > 0, synchronized=True)[-1]
         target = losses.per_token_layernorm(ops.stop_gradient(map_to_tokens(features)))
         loss = losses.masked_mse(pred, target, token_mask)
         return loss, pred, target, token_mask, masked

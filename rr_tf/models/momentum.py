@@ -260,7 +260,7 @@ def copy_weights(target, online):
 
 
 @contextlib.contextmanager
-def batch_statistics(layer):
+def batch_statistics(layer, synchronized=False):
     """While open, the BatchNorm layers inside ``layer`` normalise a call made
     with ``training=True`` by the statistics of the batch they see, even
     when frozen, and leave their moving statistics unchanged.
@@ -272,7 +272,10 @@ def batch_statistics(layer):
     tape watches them. The moving statistics are rewritten with themselves
     (momentum 1: ``m * 1 + batch * 0``) and so stay exactly as they were.
     Synchronised BatchNorm layers use the statistics of the local batch
-    only: the caller chooses the groups (:func:`shuffled_group_apply`).
+    only (the caller chooses the groups: :func:`shuffled_group_apply`),
+    unless ``synchronized``: then they keep their own setting (a
+    ``sync_batch`` layer normalises by the global batch, as RepRec's
+    recovery targets under ``--norm=sync_batch``).
     """
     norms = [l for l in layer._flatten_layers(include_self=True, recursive=True)
              if isinstance(l, keras.layers.BatchNormalization)]
@@ -281,7 +284,7 @@ def batch_statistics(layer):
         for l in norms:
             l._trainable = True
             l.momentum = 1.0
-            l.synchronized = False
+            l.synchronized = l.synchronized and synchronized
         yield
     finally:
         for l, (trainable, momentum, synchronized) in zip(norms, saved):
@@ -394,7 +397,9 @@ class MomentumEncoder(keras.layers.Layer):
     per step, before computing the keys). ``call(x, training=False)`` runs
     the target; ``call(x, batch_stats=True)`` runs it with its BatchNorm
     layers normalising by the statistics of ``x`` (see
-    :func:`batch_statistics`; the moving statistics stay as they are). The online network is referenced, not tracked (it belongs to
+    :func:`batch_statistics`; the moving statistics stay as they are;
+    ``synchronized=True`` keeps synchronised layers global). The online
+    network is referenced, not tracked (it belongs to
     the caller); after deserialisation ``attach(online)`` reconnects it.
     """
 
@@ -442,10 +447,10 @@ class MomentumEncoder(keras.layers.Layer):
         m = self.momentum if momentum is None else momentum
         ema_update(self.target, self.online, m, sync=self.sync)
 
-    def call(self, inputs, training=False, batch_stats=False):
+    def call(self, inputs, training=False, batch_stats=False, synchronized=False):
         if not batch_stats:
             return self.target(inputs, training=training)
-        with batch_statistics(self.target):
+        with batch_statistics(self.target, synchronized=synchronized):
             return self.target(inputs, training=True)
 
     def get_config(self):
