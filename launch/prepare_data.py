@@ -64,6 +64,10 @@ flags.DEFINE_boolean("skip_bad", False, "Write the good cases even when some inp
                      "(bad ones are listed in the manifest); exit status 0.")
 flags.DEFINE_integer("workers", 0, "Preprocessing processes; 0 = one per CPU core.", lower_bound=0)
 flags.DEFINE_integer("cases_per_shard", 16, "Cases per TFRecord shard.", lower_bound=1)
+flags.DEFINE_integer("max_voxels", 2 ** 31, "Largest NIfTI image (voxels over all axes) a header "
+                     "may declare; a larger one, or a header declaring more voxel data than its "
+                     "file can hold, is a bad case found before any voxel is read (a forged "
+                     "header must not force a huge allocation).", lower_bound=1)
 flags.DEFINE_enum("compression", "none", ["none", "gzip"], "TFRecord compression; 'none' reads "
                   "fastest, 'gzip' roughly halves the size of int16 CT.")
 flags.DEFINE_boolean("overwrite", False, "Replace an existing data set made with a different spec.")
@@ -172,7 +176,8 @@ def main(argv):
             compression=FLAGS.compression, overwrite=FLAGS.overwrite,
             dicom_all_series=FLAGS.dicom_all_series, patient_table=FLAGS.patient_table,
             progress=FLAGS.progress,
-            label_names=parse_label_names(FLAGS.label_names) if FLAGS.label_names else None)
+            label_names=parse_label_names(FLAGS.label_names) if FLAGS.label_names else None,
+            max_voxels=FLAGS.max_voxels)
         result = prepare(config)
     except (RrTfError, ValueError) as err:
         flagutil.fail(__file__, str(err))
