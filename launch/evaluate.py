@@ -46,11 +46,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 
@@ -607,13 +607,5 @@ def write_outputs(out, labels, names, summary, results, means, meta, figure, png
     print(f"wrote {', '.join(written)} to {out}")
 
 
-def _parse_flags(argv):
-    """absl parsing, but an invalid flag is one line and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        flagutil.fail(__file__, str(err))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    flagutil.main(__file__, main)

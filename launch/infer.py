@@ -17,11 +17,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A fine-tuning run directory or its export/ directory.")
@@ -126,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flagutil.main(__file__, main)

@@ -15,7 +15,8 @@ Examples:
 
 Exit status: 0 on success (or nothing to do); 1 when bad cases were found
 and --skip_bad was not given (nothing is written); 2 on invalid flags or a
-problem that stops the whole run.
+problem that stops the whole run (e.g. an unwritable --output_dir); 130 when
+interrupted (Ctrl-C; nothing is published).
 """
 
 import os
@@ -23,11 +24,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 
@@ -185,4 +186,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flagutil.main(__file__, main, "interrupted (Ctrl-C); nothing was published (a data set is "
+                  "only written whole)")
