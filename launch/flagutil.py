@@ -383,7 +383,7 @@ def define_run_flags(defaults=None, helps=None):
     defaults changed by ``defaults`` (e.g. ``FINETUNE_DEFAULTS``) and the
     help texts in ``helps`` replacing the generic ones. Read them back with
     :func:`run_settings`. Imports no TensorFlow."""
-    from rr_tf.training.settings import OPTIMIZERS, VERBOSITY, run_defaults
+    from rr_tf.training.settings import OPTIMIZERS, SHARD_CHECKS, VERBOSITY, run_defaults
 
     default = run_defaults(defaults)
     verbose = {v: k for k, v in VERBOSITY.items()}[default["verbose"]]
@@ -410,7 +410,14 @@ def define_run_flags(defaults=None, helps=None):
         verbose="Console progress.",
         export="Export at the end.",
         seed="Seed of weights and the data stream.",
-        overwrite="Start the run directory afresh.")
+        overwrite="Start the run directory afresh.",
+        verify_shards="How every shard is checked against the manifest before it is read: size "
+                      "(cheap) or sha256 (reads every shard once more; finds flipped bytes before "
+                      "training). Either way a record that cannot be read stops the run with the "
+                      "shard named.",
+        skip_corrupt_shards="Leave out a shard that fails the check (or whose records stop "
+                            "reading part-way, for the rest of that shard) with a warning naming "
+                            "it, instead of stopping the run.")
     text.update(helps or {})
     for name in ("train_steps", "batch_size", "crops_per_volume", "checkpoint_every",
                  "keep_checkpoints", "log_every", "image_every"):
@@ -436,6 +443,10 @@ def define_run_flags(defaults=None, helps=None):
     flags.DEFINE_boolean("export", default["export"], text["export"])
     flags.DEFINE_integer("seed", default["seed"], text["seed"])
     flags.DEFINE_boolean("overwrite", default["overwrite"], text["overwrite"])
+    flags.DEFINE_enum("verify_shards", default["verify_shards"], list(SHARD_CHECKS),
+                      text["verify_shards"])
+    flags.DEFINE_boolean("skip_corrupt_shards", default["skip_corrupt_shards"],
+                         text["skip_corrupt_shards"])
     register_numbers_validator("crop_size", 3, cast=int, positive=True)
     RUN_FLAGS[:] = [name for name in default if name in text]
 

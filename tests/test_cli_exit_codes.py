@@ -160,3 +160,34 @@ def test_native_stderr_filter_drops_noise_and_passes_the_rest():
     os.close(read_end)
     os.close(out_read)
     assert got.decode() == "".join(keep)
+
+
+def test_corrupt_shard_stops_pretraining_with_one_line_naming_it(tmp_path, tiny_data):
+    """Three flipped bytes keep the shard's size: the default size check
+    passes and the stream names the shard and the byte offset (exit 2, not
+    a DataLossError traceback); --verify_shards=sha256 finds it before
+    reading, and with --skip_corrupt_shards the shard is left out with a
+    warning (here the only one, so nothing is left to train on)."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = data / json.load(open(data / "manifest.json"))["shards"][0]["name"]
+    raw = bytearray(shard.read_bytes())
+    for i in range(3):
+        raw[len(raw) // 2 + i] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    common = ("pretrain.py", "--method=moco", f"--data_dir={data}", "--train_steps=1",
+              "--crop_size=16,16,16", "--verbose=none")
+    res = launch(*common, f"--run_dir={tmp_path / 'a'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]  # after the run's own "new run" line
+    assert line.startswith(f"pretrain.py: error: {shard}: record ") and \
+        "corrupted record at byte" in line, res.stderr[-3000:]
+    res = launch(*common, f"--run_dir={tmp_path / 'c'}", "--verify_shards=sha256",
+                 "--skip_corrupt_shards")
+    assert res.returncode == 2
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert any(l.startswith(f"warning: skipping {shard}: sha256") for l in lines), res.stderr
+    assert lines[-1].startswith("pretrain.py: error:") and "no usable train shard" in lines[-1]
