@@ -171,10 +171,33 @@ def intensity_properties(samples):
             "std": float(v.std()), "num_voxels": int(v.size), "num_cases": len(samples)}
 
 
-def _worker_init():
+def _worker_init(parent=None):
     # One BLAS/OpenMP thread per worker: the parallelism is across cases.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    if parent is not None:
+        _die_with_parent(parent)
+
+
+def _die_with_parent(parent, every=1.0):
+    """A worker ends within ``every`` seconds of the process that started it
+    (killed with SIGKILL, it cannot shut its pool down, and idle workers
+    would wait for work forever): a watchdog thread sees the parent's pid
+    change. (Not the kernel's parent-death signal: it follows the thread
+    that started the worker, not the process.)"""
+    import threading
+    import time
+
+    if os.getppid() != parent:  # already gone
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _ordered_results(tasks, spec, workers, max_voxels=nifti.MAX_VOXELS):
@@ -184,7 +207,8 @@ def _ordered_results(tasks, spec, workers, max_voxels=nifti.MAX_VOXELS):
             yield (t,) + _process(t, spec, max_voxels)
         return
     ctx = multiprocessing.get_context("spawn")  # never fork a process that imported TF
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                initargs=(os.getpid(),)) as pool:
         pending = collections.deque()
         it = iter(tasks)
         for t in it:
