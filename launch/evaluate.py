@@ -208,8 +208,10 @@ def label_names(spec, labels, recorded=None):
 
 # --- inputs ------------------------------------------------------------------
 
-def list_cases(path, flag):
-    """{case name: file} of a NIfTI file or a folder of them."""
+def list_cases(path, flag, warnings=None):
+    """{case name: file} of a NIfTI file or a folder of them; hidden NIfTI
+    files (names starting with '.') are left out, with a line in
+    ``warnings`` when given."""
     from rr_tf.data.nifti import case_name, is_nifti
     from rr_tf.errors import ConfigError, DataError
 
@@ -219,9 +221,11 @@ def list_cases(path, flag):
         return {case_name(path): path}
     if not os.path.isdir(path):
         raise ConfigError(f"--{flag}", f"{path!r} does not exist")
-    cases = {}
+    cases, hidden = {}, []
     for entry in sorted(os.listdir(path)):
         full = os.path.join(path, entry)
+        if entry.startswith(".") and is_nifti(entry):
+            hidden.append(entry)
         if entry.startswith(".") or not os.path.isfile(full) or not is_nifti(entry):
             continue
         name = case_name(entry)
@@ -229,6 +233,10 @@ def list_cases(path, flag):
             raise DataError(full, f"two files for case {name!r} in the folder "
                             f"({os.path.basename(cases[name])})")
         cases[name] = full
+    if hidden and warnings is not None:
+        warnings.append(f"skipped {len(hidden)} hidden NIfTI file(s) in {path} (names starting "
+                        f"with '.', e.g. macOS '._' copies): {', '.join(hidden[:5])}"
+                        f"{' ...' if len(hidden) > 5 else ''}")
     if not cases:
         raise DataError(path, "folder holds no NIfTI files (.nii, .nii.gz)")
     return cases
@@ -240,8 +248,8 @@ def match_cases(pred, ref, allow_missing, warnings):
 
     if os.path.isfile(pred) != os.path.isfile(ref) and os.path.exists(pred) and os.path.exists(ref):
         raise ConfigError("--pred/--ref", "must both be NIfTI files or both be folders")
-    refs = list_cases(ref, "ref")
-    preds = list_cases(pred, "pred")
+    refs = list_cases(ref, "ref", warnings)
+    preds = list_cases(pred, "pred", warnings)
     if os.path.isfile(ref):  # two files: paired whatever their names
         return [(next(iter(refs)), next(iter(preds.values())), next(iter(refs.values())))]
     missing = [name for name in refs if name not in preds]

@@ -203,3 +203,16 @@ def test_unreadable_prediction_names_the_file(dataset):
     lines = error_lines(res)
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert str(bad) in lines[0] and "NIfTI" in lines[0]
+
+
+def test_hidden_files_are_skipped_with_a_warning(dataset, tmp_path):
+    import shutil
+
+    ref = tmp_path / "ref_copy"
+    shutil.copytree(dataset / "ref", ref)
+    (ref / "._c1.nii.gz").write_bytes(b"\0" * 10)  # a macOS AppleDouble copy
+    res = run(f"--pred={dataset / 'pred'}", f"--ref={ref}")
+    assert res.returncode == 0, res.stderr
+    warned = [l for l in res.stderr.splitlines() if "hidden" in l]
+    assert len(warned) == 1 and warned[0].startswith("warning: skipped 1 hidden NIfTI file(s)")
+    assert "._c1.nii.gz" in warned[0]

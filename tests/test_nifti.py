@@ -176,3 +176,13 @@ def test_declared_size_limit_and_multi_member_gzip(tmp_path):
     cut.write_bytes(gzip.compress(raw[:-100]) + gzip.compress(b""))
     with pytest.raises(DataError, match="truncated or corrupt: header declares 10x8x6 int16"):
         nifti.peek_nifti(cut)
+
+
+def test_symbolic_link_loops_and_broken_links_say_so(tmp_path):
+    loop = tmp_path / "loop.nii.gz"
+    os.symlink(loop.name, loop)  # points at itself
+    _expect_error(loop, "symbolic link loop")
+    dangling = tmp_path / "gone.nii.gz"
+    os.symlink("nowhere.nii.gz", dangling)
+    _expect_error(dangling, "broken symbolic link .*'nowhere.nii.gz'")
+    _expect_error(tmp_path / "missing.nii.gz", "file does not exist")

@@ -5,6 +5,7 @@ dtype and any (also oblique) affine, and keeps the header facts needed to
 write results back in the file's exact geometry.
 """
 
+import errno
 import gzip
 import os
 import zlib
@@ -40,7 +41,7 @@ def _load_header(path, max_voxels=MAX_VOXELS):
     import nibabel as nib
 
     if not os.path.exists(path):
-        raise DataError(path, "file does not exist")
+        raise DataError(path, _missing_reason(path))
     if os.path.getsize(path) == 0:
         raise DataError(path, "empty file")
     try:
@@ -50,6 +51,19 @@ def _load_header(path, max_voxels=MAX_VOXELS):
         raise DataError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})")
     check_data_size(path, img, max_voxels)
     return img
+
+
+def _missing_reason(path):
+    """Why ``path`` cannot be opened although it may be listed in its folder:
+    a symbolic link loop, a link to nothing, or no such file."""
+    if not os.path.islink(path):
+        return "file does not exist"
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself)"
+    return f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
 
 
 def check_data_size(path, img, max_voxels=MAX_VOXELS):

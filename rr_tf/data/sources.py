@@ -373,9 +373,11 @@ def _find_bdmap(source, patients):
     the sorted order of all organ names of the data set."""
     cases, notes, problems = _Cases(), [], []
     found = []   # (case id, ct file, segmentations folder or None, {organ: mask file})
-    skipped, unlabelled, other_files, loose = [], [], 0, 0
+    skipped, unlabelled, other_files, loose, hidden = [], [], 0, 0, []
     for name in sorted(os.listdir(source)):
         folder = os.path.join(source, name)
+        if name.startswith(".") and (os.path.isdir(folder) or nifti.is_nifti(name)):
+            hidden.append(name)
         if name.startswith(".") or not os.path.isdir(folder):
             if nifti.is_nifti(name) and not name.startswith("."):
                 loose += 1
@@ -417,6 +419,9 @@ def _find_bdmap(source, patients):
     if loose:
         notes.append(f"ignored {loose} NIfTI file(s) directly in {source}: the AbdomenAtlas layout "
                      "reads <case>/ct.nii.gz")
+    if hidden:
+        notes.append(f"ignored {len(hidden)} hidden entr{'y' if len(hidden) == 1 else 'ies'} in "
+                     f"{source} (names starting with '.'): {_listing(hidden)}")
     return Discovery(cases.sorted(), problems + cases.problems, notes, layout="bdmap",
                      label_names={value[o]: o for o in organs} or None)
 
