@@ -60,8 +60,17 @@ def filter_native_stderr():
             import signal
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            os.close(write_end)
             os.dup2(real, 2)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)  # hold none of the launcher's other files (e.g. a stdout pipe)
+            os.dup2(null, 1)
+            os.closerange(3, min(real, read_end))
+            os.closerange(max(real, read_end) + 1, 1 << 16)
+            for fd in range(min(real, read_end) + 1, max(real, read_end)):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
             _copy_filtered(read_end, real)
         finally:
             os._exit(0)
@@ -208,6 +217,7 @@ def environment_error(err):
     return None
 
 
+_HELP_FLAGS = ("help", "helpfull", "helpshort", "helpxml", "?")
 TRAIN_INTERRUPTED = ("interrupted (Ctrl-C); the last checkpoint is kept and the same command "
                      "resumes from it")
 
@@ -228,6 +238,11 @@ def main(script, main_fn, interrupted="interrupted (Ctrl-C)"):
             return flags.FLAGS(argv)
         except flags.Error as err:
             fail(script, " ".join(str(err).split()), EXIT_STOPPED)
+        except SystemExit as done:  # absl's --help/--helpfull print and exit 1: asked for, so 0
+            asked = any(a.split("=")[0].lstrip("-") in _HELP_FLAGS for a in argv[1:])
+            if done.code == 1 and asked:
+                sys.exit(EXIT_OK)
+            raise
 
     def run(argv):
         try:

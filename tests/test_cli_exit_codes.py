@@ -54,6 +54,8 @@ def test_absl_flag_errors_exit_2_with_one_line(tmp_path):
     res = launch("finetune.py", "--nosuch_flag")
     assert res.returncode == 2
     one_line(res, "finetune.py: error: Unknown command line flag 'nosuch_flag'")
+    res = launch("prepare_data.py", "--helpfull")
+    assert res.returncode == 0 and "--max_voxels" in res.stdout
     assert not os.listdir(tmp_path)
 
 
