@@ -42,11 +42,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -485,4 +485,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flagutil.main(__file__, main)

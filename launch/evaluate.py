@@ -18,14 +18,20 @@ Writes to --output (each file atomically):
   per_case.csv  one row per case and label: status, dice, hd95_mm, pred_ml, ref_ml
   summary.csv   one row per label (n, mean and std of Dice and HD95, counts of
                 missed / false-positive cases), then 'overall' (statistics of
-                the per-case means) and 'class_mean' (mean of the label means)
+                the per-case means) and 'class_mean' (mean of the label means).
+                HD95 twice: hd95_mean / hd95_std over the cases where both
+                masks hold the label (n_hd95 of them; a missed or false-positive
+                label is left out as MONAI does, so the mean compares with
+                published MONAI-based numbers), and hd95_mean_penalised /
+                hd95_std_penalised with the image diagonal for those
   metrics.json  all of the above, per-case means, paths and the definitions
   overlays.png  a few cases (worst to best mean Dice), one row each, an axial
                 slice: image | reference | prediction (white = reference
                 contour) | errors (green right, red wrong label, blue missed)
 The summary table is printed either way. Definitions and the empty-mask
-conventions (both empty: not scored; one empty: Dice 0, HD95 = image
-diagonal in mm) are in rr_tf/metrics.py.
+conventions (both empty: not scored; one empty: Dice 0, per-case HD95 = image
+diagonal in mm, left out of hd95_mean, counted in hd95_mean_penalised) are in
+rr_tf/metrics.py.
 
 Exit status: 0 on success; 2 on an invalid flag or an unusable input, with
 one line on stderr naming the flag or file and the reason.
@@ -40,11 +46,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 
@@ -202,8 +208,10 @@ def label_names(spec, labels, recorded=None):
 
 # --- inputs ------------------------------------------------------------------
 
-def list_cases(path, flag):
-    """{case name: file} of a NIfTI file or a folder of them."""
+def list_cases(path, flag, warnings=None):
+    """{case name: file} of a NIfTI file or a folder of them; hidden NIfTI
+    files (names starting with '.') are left out, with a line in
+    ``warnings`` when given."""
     from rr_tf.data.nifti import case_name, is_nifti
     from rr_tf.errors import ConfigError, DataError
 
@@ -213,9 +221,11 @@ def list_cases(path, flag):
         return {case_name(path): path}
     if not os.path.isdir(path):
         raise ConfigError(f"--{flag}", f"{path!r} does not exist")
-    cases = {}
+    cases, hidden = {}, []
     for entry in sorted(os.listdir(path)):
         full = os.path.join(path, entry)
+        if entry.startswith(".") and is_nifti(entry):
+            hidden.append(entry)
         if entry.startswith(".") or not os.path.isfile(full) or not is_nifti(entry):
             continue
         name = case_name(entry)
@@ -223,6 +233,10 @@ def list_cases(path, flag):
             raise DataError(full, f"two files for case {name!r} in the folder "
                             f"({os.path.basename(cases[name])})")
         cases[name] = full
+    if hidden and warnings is not None:
+        warnings.append(f"skipped {len(hidden)} hidden NIfTI file(s) in {path} (names starting "
+                        f"with '.', e.g. macOS '._' copies): {', '.join(hidden[:5])}"
+                        f"{' ...' if len(hidden) > 5 else ''}")
     if not cases:
         raise DataError(path, "folder holds no NIfTI files (.nii, .nii.gz)")
     return cases
@@ -234,8 +248,8 @@ def match_cases(pred, ref, allow_missing, warnings):
 
     if os.path.isfile(pred) != os.path.isfile(ref) and os.path.exists(pred) and os.path.exists(ref):
         raise ConfigError("--pred/--ref", "must both be NIfTI files or both be folders")
-    refs = list_cases(ref, "ref")
-    preds = list_cases(pred, "pred")
+    refs = list_cases(ref, "ref", warnings)
+    preds = list_cases(pred, "pred", warnings)
     if os.path.isfile(ref):  # two files: paired whatever their names
         return [(next(iter(refs)), next(iter(preds.values())), next(iter(refs.values())))]
     missing = [name for name in refs if name not in preds]
@@ -439,7 +453,8 @@ def per_case_csv(results, names):
     return buf.getvalue()
 
 
-SUMMARY_COLUMNS = ["n", "dice_mean", "dice_std", "hd95_mean", "hd95_std", "n_absent", "n_missed",
+SUMMARY_COLUMNS = ["n", "dice_mean", "dice_std", "n_hd95", "hd95_mean", "hd95_std",
+                   "hd95_mean_penalised", "hd95_std_penalised", "n_absent", "n_missed",
                    "n_false_positive", "ref_ml_mean", "pred_ml_mean"]
 
 
@@ -452,8 +467,10 @@ def summary_csv(summary, names):
     ov = summary["overall"]
     w.writerow(["overall", "mean over each case's labels"]
                + [_num(ov[c]) if c in ov else "" for c in SUMMARY_COLUMNS])
-    w.writerow(["class_mean", "mean of the label means", "", _num(ov["dice_class_mean"]), "",
-                _num(ov["hd95_class_mean"])] + [""] * 6)
+    class_mean = {"dice_mean": ov["dice_class_mean"], "hd95_mean": ov["hd95_class_mean"],
+                  "hd95_mean_penalised": ov["hd95_class_mean_penalised"]}
+    w.writerow(["class_mean", "mean of the label means"]
+               + [_num(class_mean[c]) if c in class_mean else "" for c in SUMMARY_COLUMNS])
     return buf.getvalue()
 
 
@@ -461,22 +478,30 @@ def table(summary, names):
     def pm(mean, std, fmt):
         return "-" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}"
 
+    def one(value, fmt):
+        return "-" if math.isnan(value) else f"{value:{fmt}}"
+
     width = max([len(n) for n in names.values()] + [14])
     lines = [f"{'label':>5}  {'name':<{width}}  {'n':>4}  {'Dice':>15}  {'HD95 (mm)':>17}  "
-             f"{'missed':>6}  {'FP':>4}"]
+             f"{'HD95 penalised':>17}  {'missed':>6}  {'FP':>4}"]
     for k, r in summary["classes"].items():
         lines.append(f"{k:>5}  {names[k]:<{width}}  {r['n']:>4}  "
                      f"{pm(r['dice_mean'], r['dice_std'], '.4f'):>15}  "
                      f"{pm(r['hd95_mean'], r['hd95_std'], '.2f'):>17}  "
+                     f"{pm(r['hd95_mean_penalised'], r['hd95_std_penalised'], '.2f'):>17}  "
                      f"{r['n_missed']:>6}  {r['n_false_positive']:>4}")
     ov = summary["overall"]
     lines.append(f"{'all':>5}  {'case means':<{width}}  {ov['n']:>4}  "
                  f"{pm(ov['dice_mean'], ov['dice_std'], '.4f'):>15}  "
-                 f"{pm(ov['hd95_mean'], ov['hd95_std'], '.2f'):>17}")
-    dcm, hcm = ov["dice_class_mean"], ov["hd95_class_mean"]
+                 f"{pm(ov['hd95_mean'], ov['hd95_std'], '.2f'):>17}  "
+                 f"{pm(ov['hd95_mean_penalised'], ov['hd95_std_penalised'], '.2f'):>17}")
     lines.append(f"{'':>5}  {'mean of labels':<{width}}  {'':>4}  "
-                 f"{'-' if math.isnan(dcm) else f'{dcm:.4f}':>15}  "
-                 f"{'-' if math.isnan(hcm) else f'{hcm:.2f}':>17}")
+                 f"{one(ov['dice_class_mean'], '.4f'):>15}  "
+                 f"{one(ov['hd95_class_mean'], '.2f'):>17}  "
+                 f"{one(ov['hd95_class_mean_penalised'], '.2f'):>17}")
+    lines.append("HD95: mean over the cases where both masks hold the label (missed and "
+                 "false-positive labels left out, as MONAI); penalised: those count as the image "
+                 "diagonal")
     return "\n".join(lines)
 
 
@@ -487,8 +512,16 @@ DEFINITIONS = {
                "nearest surface voxel of the other",
     "absent": "prediction and reference both empty: Dice and HD95 not defined (null), case left "
               "out of the label's statistics",
-    "missed": "reference non-empty, prediction empty: Dice 0, HD95 = image diagonal in mm",
-    "false_positive": "reference empty, prediction non-empty: Dice 0, HD95 = image diagonal in mm",
+    "missed": "reference non-empty, prediction empty: Dice 0, per-case HD95 = image diagonal in "
+              "mm; left out of hd95_mean (MONAI), counted in hd95_mean_penalised",
+    "false_positive": "reference empty, prediction non-empty: Dice 0, per-case HD95 = image "
+                      "diagonal in mm; left out of hd95_mean (MONAI), counted in "
+                      "hd95_mean_penalised",
+    "hd95_mean": "mean HD95 over the cases where prediction and reference both hold the label "
+                 "(n_hd95 of them): missed and false-positive cases are NaN and left out, as "
+                 "MONAI's mean reduction does, so it compares with published MONAI-based numbers",
+    "hd95_mean_penalised": "mean HD95 over every non-absent case, a missed or false-positive "
+                           "case counting as the image diagonal in mm",
     "std": "sample standard deviation (ddof=1; 0 for one case)",
     "overall": "statistics over cases of each case's mean over its scored labels",
     "class_mean": "mean of the per-label means",
@@ -582,13 +615,5 @@ def write_outputs(out, labels, names, summary, results, means, meta, figure, png
     print(f"wrote {', '.join(written)} to {out}")
 
 
-def _parse_flags(argv):
-    """absl parsing, but an invalid flag is one line and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        flagutil.fail(__file__, str(err))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    flagutil.main(__file__, main)

@@ -14,11 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "A pre-training run directory.")
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flagutil.main(__file__, main)

@@ -19,12 +19,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 from rr_tf.training.settings import FINETUNE_DEFAULTS  # noqa: E402  (no TensorFlow)
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Labelled shards + manifest.json (launch/prepare_data.py).")
@@ -181,4 +181,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flagutil.main(__file__, main, flagutil.TRAIN_INTERRUPTED)

@@ -1,19 +1,122 @@
 """Flag parsing helpers shared by the launch/ scripts (never imported by rr_tf/)."""
 
 import os
+import re
 import sys
 
 from absl import flags
 
+# TensorFlow 2.21's C++ code logs through absl before absl::InitializeLog() is
+# ever called, which ignores TF_CPP_MIN_LOG_LEVEL: these lines appear on every
+# console unless they are taken out of the process's stderr (file descriptor 2)
+_NATIVE_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] "   # C++ INFO and WARNING lines
+    r"|E\d{4} [\d:.]+ +\d+ \S+:\d+\] oneDNN supports \S+ only on platforms "
+    r"with AVX-512"
+    r"|To enable the following instructions: .*rebuild TensorFlow")
+_QUIET_MARK = "RR_TF_QUIET_TF"  # set when the log level below is rr_tf's choice, not the user's
 
-def quiet_tensorflow():
-    """Hides TensorFlow's C++ INFO/WARNING lines and its absl INFO lines (e.g.
-    one per checkpoint save) unless the user set TF_CPP_MIN_LOG_LEVEL.
-    Call before TensorFlow is imported."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+def quiet_tensorflow(caller=None):
+    """Quiets TensorFlow unless the user set TF_CPP_MIN_LOG_LEVEL (any value
+    brings everything back): TF_CPP_MIN_LOG_LEVEL=2, absl INFO lines (e.g.
+    one per checkpoint save) hidden, and, when ``caller`` is ``"__main__"``
+    (a launcher run as a script), the C++ INFO/WARNING lines TensorFlow
+    prints regardless of that variable (``I0000 ... oneDNN custom operations
+    are on``, ``E0000 ... oneDNN supports DT_INT64 only on platforms with
+    AVX-512``, absl's ``WARNING: All log messages before
+    absl::InitializeLog()``) are filtered out of the process's stderr
+    (:func:`filter_native_stderr`). Call before TensorFlow is imported."""
+    user_set = "TF_CPP_MIN_LOG_LEVEL" in os.environ and os.environ.get(_QUIET_MARK) != "1"
+    if not user_set:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ[_QUIET_MARK] = "1"
+        if caller == "__main__":
+            filter_native_stderr()
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
+
+
+def filter_native_stderr():
+    """Routes file descriptor 2 (what C++ code and child processes write to)
+    through a forked filter process that drops the lines of
+    ``_NATIVE_NOISE`` and passes everything else on unchanged; Python's own
+    ``sys.stderr`` keeps writing to the real stderr directly, so no error
+    line of rr_tf's can be lost. The filter ignores Ctrl-C and exits when
+    the last writer (this process and its children) is gone, so it also
+    forwards what a crashing process wrote last. Must run before any thread
+    is started (before TensorFlow is imported)."""
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:  # the filter
+        try:
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            os.dup2(real, 2)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)  # hold none of the launcher's other files (e.g. a stdout pipe)
+            os.dup2(null, 1)
+            os.closerange(3, min(real, read_end))
+            os.closerange(max(real, read_end) + 1, 1 << 16)
+            for fd in range(min(real, read_end) + 1, max(real, read_end)):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            _copy_filtered(read_end, real)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = os.fdopen(real, "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None),
+                           errors="backslashreplace")
+
+
+def _copy_filtered(src, dst, linger=0.1):
+    """Copies ``src`` to ``dst`` line by line (\n or \r ends a line) without
+    the noise lines; a partial line is passed on after ``linger`` seconds
+    without more data (progress text), as native log lines arrive whole."""
+    import select
+
+    pending = b""
+    while True:
+        if pending:
+            ready, _, _ = select.select([src], [], [], linger)
+            if not ready:
+                _write_all(dst, pending)
+                pending = b""
+                continue
+        try:
+            chunk = os.read(src, 1 << 16)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        parts = re.split(rb"(?<=[\r\n])", pending + chunk)
+        pending = parts.pop()
+        kept = b"".join(p for p in parts
+                        if not _NATIVE_NOISE.match(p.decode("utf-8", "replace")))
+        if kept:
+            _write_all(dst, kept)
+    if pending and not _NATIVE_NOISE.match(pending.decode("utf-8", "replace")):
+        _write_all(dst, pending)
+
+
+def _write_all(fd, data):
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:  # the reader of our stderr is gone: nothing left to do
+        pass
 
 
 def parse_numbers(text, count, cast=float, name="value"):
@@ -86,6 +189,73 @@ def fail(script, message, code=2):
     """Prints one line ``script: error: message`` to stderr and exits."""
     print(f"{os.path.basename(script)}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+# the exit-status contract of every launcher (README, "Bad input")
+EXIT_OK, EXIT_BAD_CASES, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 130
+_FS_WORDS = re.compile(r"director|file|No such|Read-only|space|permission|not permitted", re.I)
+
+
+def environment_error(err):
+    """One line (path and reason) for an error of the file system around a
+    run: an OSError (read-only or full folder, a file where a folder is
+    expected) or TensorFlow's file-system errors (tf.io.gfile); None for
+    anything else (a defect, which keeps its traceback)."""
+    if isinstance(err, OSError):
+        reason = err.strerror or type(err).__name__
+        paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {reason}" if paths else f"{reason} ({err})"
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(err, tf.errors.OpError):
+        return None
+    always = (tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError,
+              tf.errors.AlreadyExistsError)
+    maybe = (tf.errors.NotFoundError, tf.errors.FailedPreconditionError)
+    text = (err.message or str(err)).strip().splitlines()[0] if (err.message or str(err)) else ""
+    if isinstance(err, always) or (isinstance(err, maybe) and _FS_WORDS.search(text)):
+        return f"{text} ({type(err).__name__})"
+    return None
+
+
+_HELP_FLAGS = ("help", "helpfull", "helpshort", "helpxml", "?")
+TRAIN_INTERRUPTED = ("interrupted (Ctrl-C); the last checkpoint is kept and the same command "
+                     "resumes from it")
+
+
+def main(script, main_fn, interrupted="interrupted (Ctrl-C)"):
+    """``absl.app.run(main_fn)`` under the launchers' exit-status contract:
+    0 success; 1 = bad input cases reported (the launcher exits 1 itself);
+    2 = invalid flags (absl's own parsing and validators included, one line
+    instead of absl's "FATAL Flags parsing error" with status 1) or a
+    problem that stops the whole run, such as an unwritable, full or
+    misplaced output folder (one line naming the path, no traceback); 130 =
+    interrupted (Ctrl-C), one line ``interrupted``: what was written before
+    stays (checkpoints; data sets are only published complete)."""
+    from absl import app
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as err:
+            fail(script, " ".join(str(err).split()), EXIT_STOPPED)
+        except SystemExit as done:  # absl's --help/--helpfull print and exit 1: asked for, so 0
+            asked = any(a.split("=")[0].lstrip("-") in _HELP_FLAGS for a in argv[1:])
+            if done.code == 1 and asked:
+                sys.exit(EXIT_OK)
+            raise
+
+    def run(argv):
+        try:
+            return main_fn(argv)
+        except KeyboardInterrupt:
+            fail(script, interrupted, EXIT_INTERRUPTED)
+        except Exception as err:  # noqa: BLE001  (re-raised unless a known environment error)
+            line = environment_error(err)
+            if line is None:
+                raise
+            fail(script, line, EXIT_STOPPED)
+
+    app.run(run, flags_parser=parse)
 
 
 def run_job(script, job):
@@ -228,7 +398,7 @@ def define_run_flags(defaults=None, helps=None):
     defaults changed by ``defaults`` (e.g. ``FINETUNE_DEFAULTS``) and the
     help texts in ``helps`` replacing the generic ones. Read them back with
     :func:`run_settings`. Imports no TensorFlow."""
-    from rr_tf.training.settings import OPTIMIZERS, VERBOSITY, run_defaults
+    from rr_tf.training.settings import OPTIMIZERS, SHARD_CHECKS, VERBOSITY, run_defaults
 
     default = run_defaults(defaults)
     verbose = {v: k for k, v in VERBOSITY.items()}[default["verbose"]]
@@ -255,7 +425,14 @@ def define_run_flags(defaults=None, helps=None):
         verbose="Console progress.",
         export="Export at the end.",
         seed="Seed of weights and the data stream.",
-        overwrite="Start the run directory afresh.")
+        overwrite="Start the run directory afresh.",
+        verify_shards="How every shard is checked against the manifest before it is read: size "
+                      "(cheap) or sha256 (reads every shard once more; finds flipped bytes before "
+                      "training). Either way a record that cannot be read stops the run with the "
+                      "shard named.",
+        skip_corrupt_shards="Leave out a shard that fails the check (or whose records stop "
+                            "reading part-way, for the rest of that shard) with a warning naming "
+                            "it, instead of stopping the run.")
     text.update(helps or {})
     for name in ("train_steps", "batch_size", "crops_per_volume", "checkpoint_every",
                  "keep_checkpoints", "log_every", "image_every"):
@@ -281,6 +458,10 @@ def define_run_flags(defaults=None, helps=None):
     flags.DEFINE_boolean("export", default["export"], text["export"])
     flags.DEFINE_integer("seed", default["seed"], text["seed"])
     flags.DEFINE_boolean("overwrite", default["overwrite"], text["overwrite"])
+    flags.DEFINE_enum("verify_shards", default["verify_shards"], list(SHARD_CHECKS),
+                      text["verify_shards"])
+    flags.DEFINE_boolean("skip_corrupt_shards", default["skip_corrupt_shards"],
+                         text["skip_corrupt_shards"])
     register_numbers_validator("crop_size", 3, cast=int, positive=True)
     RUN_FLAGS[:] = [name for name in default if name in text]
 

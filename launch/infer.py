@@ -17,11 +17,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A fine-tuning run directory or its export/ directory.")
@@ -59,8 +59,13 @@ def _inputs(path):
     if dicom.is_dicom_dir(path):
         name = os.path.basename(os.path.normpath(path))
         return [(name, lambda: dicom.read_dicom_series(path, series_uid=FLAGS.series_uid))]
-    files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                   if n.lower().endswith(nifti.NIFTI_SUFFIXES) and not n.startswith("."))
+    names = [n for n in sorted(os.listdir(path)) if n.lower().endswith(nifti.NIFTI_SUFFIXES)]
+    hidden = [n for n in names if n.startswith(".")]
+    if hidden:
+        print(f"note: skipped {len(hidden)} hidden NIfTI file(s) in {path} (names starting with "
+              f"'.', e.g. macOS '._' copies): {', '.join(hidden[:5])}"
+              f"{' ...' if len(hidden) > 5 else ''}", file=sys.stderr)
+    files = [os.path.join(path, n) for n in names if not n.startswith(".")]
     if not files:
         raise DataError(path, "holds no NIfTI file and no DICOM series")
     return [(nifti.case_name(f), (lambda f=f: nifti.read_nifti(f, kind="image"))) for f in files]
@@ -126,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flagutil.main(__file__, main)

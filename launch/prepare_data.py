@@ -15,7 +15,8 @@ Examples:
 
 Exit status: 0 on success (or nothing to do); 1 when bad cases were found
 and --skip_bad was not given (nothing is written); 2 on invalid flags or a
-problem that stops the whole run.
+problem that stops the whole run (e.g. an unwritable --output_dir); 130 when
+interrupted (Ctrl-C; nothing is published).
 """
 
 import os
@@ -23,11 +24,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
 
-flagutil.quiet_tensorflow()
+flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 
@@ -64,6 +65,10 @@ flags.DEFINE_boolean("skip_bad", False, "Write the good cases even when some inp
                      "(bad ones are listed in the manifest); exit status 0.")
 flags.DEFINE_integer("workers", 0, "Preprocessing processes; 0 = one per CPU core.", lower_bound=0)
 flags.DEFINE_integer("cases_per_shard", 16, "Cases per TFRecord shard.", lower_bound=1)
+flags.DEFINE_integer("max_voxels", 2 ** 31, "Largest NIfTI image (voxels over all axes) a header "
+                     "may declare; a larger one, or a header declaring more voxel data than its "
+                     "file can hold, is a bad case found before any voxel is read (a forged "
+                     "header must not force a huge allocation).", lower_bound=1)
 flags.DEFINE_enum("compression", "none", ["none", "gzip"], "TFRecord compression; 'none' reads "
                   "fastest, 'gzip' roughly halves the size of int16 CT.")
 flags.DEFINE_boolean("overwrite", False, "Replace an existing data set made with a different spec.")
@@ -172,7 +177,8 @@ def main(argv):
             compression=FLAGS.compression, overwrite=FLAGS.overwrite,
             dicom_all_series=FLAGS.dicom_all_series, patient_table=FLAGS.patient_table,
             progress=FLAGS.progress,
-            label_names=parse_label_names(FLAGS.label_names) if FLAGS.label_names else None)
+            label_names=parse_label_names(FLAGS.label_names) if FLAGS.label_names else None,
+            max_voxels=FLAGS.max_voxels)
         result = prepare(config)
     except (RrTfError, ValueError) as err:
         flagutil.fail(__file__, str(err))
@@ -180,4 +186,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    flagutil.main(__file__, main, "interrupted (Ctrl-C); nothing was published (a data set is "
+                  "only written whole)")

@@ -27,15 +27,28 @@ Empty masks (``status`` of a :class:`ClassResult`):
 * ``"ok"``: both non-empty.
 
 The HD95 penalty is the image diagonal in millimetres (the largest distance
-two voxels of the image can have), a finite, reproducible worst case so means
-stay finite; per-class ``n_missed`` / ``n_false_positive`` counts say how many
-penalties a mean contains.
+two voxels of the image can have), a finite, reproducible worst case; per-class
+``n_missed`` / ``n_false_positive`` counts say how many penalties a mean
+contains.
 
 Aggregation over cases (:func:`aggregate`): per class, mean and sample
 standard deviation (ddof=1; 0 for a single case) over the cases that are not
 ``absent``. Overall: the same statistics of each case's mean over its scored
 classes (cases where every class is absent are left out), and ``class_mean``
 = the mean of the per-class means (each class weighted equally).
+
+HD95 is aggregated two ways:
+
+* ``hd95_mean`` / ``hd95_std``: only the ``ok`` cases (both masks non-empty).
+  A missed or false-positive class has no surface distance; as in MONAI
+  (``compute_hausdorff_distance`` of an empty mask is not a finite number and
+  its mean reductions leave NaN out) it is left out of the mean, so the number
+  is comparable with published MONAI-based results. ``n_hd95`` counts the
+  cases in it; the Dice mean and ``n_missed`` / ``n_false_positive`` still
+  show the misses.
+* ``hd95_mean_penalised`` / ``hd95_std_penalised``: every non-absent case,
+  with the image diagonal for a missed or false-positive class (stricter, not
+  comparable with MONAI-based numbers).
 """
 
 import dataclasses
@@ -169,13 +182,20 @@ def evaluate_case(pred, ref, spacing, labels):
 
 
 def case_mean(results):
-    """Mean Dice and HD95 of one case over its scored (non-absent) classes;
-    NaN when every class is absent."""
+    """Mean Dice and HD95 of one case over its scored (non-absent) classes:
+    ``hd95`` over the classes found in both masks (NaN when there is none;
+    missed and false-positive classes left out, as MONAI does) and
+    ``hd95_penalised`` with the image diagonal for those; NaN when every
+    class is absent."""
+    nan = float("nan")
     scored = [r for r in results.values() if r.status != "absent"]
     if not scored:
-        return {"dice": float("nan"), "hd95": float("nan"), "n_classes": 0}
+        return {"dice": nan, "hd95": nan, "hd95_penalised": nan, "n_classes": 0}
+    found = [r.hd95 for r in scored if r.status == "ok"]
     return {"dice": float(np.mean([r.dice for r in scored])),
-            "hd95": float(np.mean([r.hd95 for r in scored])), "n_classes": len(scored)}
+            "hd95": float(np.mean(found)) if found else nan,
+            "hd95_penalised": float(np.mean([r.hd95 for r in scored])),
+            "n_classes": len(scored)}
 
 
 def _stats(values):
@@ -194,20 +214,27 @@ def aggregate(per_case, labels):
       labels: the labels to summarise.
 
     Returns:
-      {"classes": {label: {n, dice_mean, dice_std, hd95_mean, hd95_std,
-      n_absent, n_missed, n_false_positive, ref_ml_mean, pred_ml_mean}},
+      {"classes": {label: {n, dice_mean, dice_std, n_hd95, hd95_mean,
+      hd95_std, hd95_mean_penalised, hd95_std_penalised, n_absent, n_missed,
+      n_false_positive, ref_ml_mean, pred_ml_mean}},
       "overall": {n, dice_mean, dice_std, hd95_mean, hd95_std,
-      dice_class_mean, hd95_class_mean}}.
+      hd95_mean_penalised, hd95_std_penalised, dice_class_mean,
+      hd95_class_mean, hd95_class_mean_penalised}}; ``hd95_*`` leave missed
+      and false-positive classes out (MONAI), ``*_penalised`` count them
+      with the image diagonal.
     """
     classes = {}
     for label in labels:
         rows = [case[int(label)] for case in per_case.values() if int(label) in case]
         scored = [r for r in rows if r.status != "absent"]
+        found = [r for r in scored if r.status == "ok"]
         d_mean, d_std = _stats([r.dice for r in scored])
-        h_mean, h_std = _stats([r.hd95 for r in scored])
+        h_mean, h_std = _stats([r.hd95 for r in found])
+        p_mean, p_std = _stats([r.hd95 for r in scored])
         classes[int(label)] = {
             "n": len(scored), "dice_mean": d_mean, "dice_std": d_std,
-            "hd95_mean": h_mean, "hd95_std": h_std,
+            "n_hd95": len(found), "hd95_mean": h_mean, "hd95_std": h_std,
+            "hd95_mean_penalised": p_mean, "hd95_std_penalised": p_std,
             "n_absent": sum(r.status == "absent" for r in rows),
             "n_missed": sum(r.status == "missed" for r in rows),
             "n_false_positive": sum(r.status == "false_positive" for r in rows),
@@ -219,10 +246,14 @@ def aggregate(per_case, labels):
     means = [m for m in means if m["n_classes"] > 0]
     d_mean, d_std = _stats([m["dice"] for m in means])
     h_mean, h_std = _stats([m["hd95"] for m in means])
+    p_mean, p_std = _stats([m["hd95_penalised"] for m in means])
     overall = {
         "n": len(means), "dice_mean": d_mean, "dice_std": d_std,
         "hd95_mean": h_mean, "hd95_std": h_std,
+        "hd95_mean_penalised": p_mean, "hd95_std_penalised": p_std,
         "dice_class_mean": _stats([c["dice_mean"] for c in classes.values()])[0],
         "hd95_class_mean": _stats([c["hd95_mean"] for c in classes.values()])[0],
+        "hd95_class_mean_penalised": _stats([c["hd95_mean_penalised"]
+                                             for c in classes.values()])[0],
     }
     return {"classes": classes, "overall": overall}

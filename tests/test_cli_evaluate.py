@@ -92,6 +92,17 @@ def test_writes_csv_json_and_png(dataset):
     assert overall["dice_mean"] == pytest.approx(np.mean([0.875, 1.0, 0.5]))
     summary = list(csv.DictReader(open(out / "summary.csv")))
     assert [r["label"] for r in summary] == ["1", "2", "overall", "class_mean"]
+    # HD95 both ways: the missed spleen of c3 is left out (MONAI) or counts as the diagonal
+    found = [float(rows[c, "spleen"]["hd95_mm"]) for c in ("c1", "c2", "c3")
+             if rows[c, "spleen"]["status"] == "ok"]
+    assert len(found) == 1 and spleen["n_hd95"] == 1
+    assert spleen["hd95_mean"] == pytest.approx(found[0], rel=1e-5)
+    assert spleen["hd95_mean_penalised"] == pytest.approx((found[0] + diag) / 2, rel=1e-5)
+    assert float(summary[1]["hd95_mean"]) == pytest.approx(found[0], rel=1e-5)
+    assert float(summary[1]["hd95_mean_penalised"]) == pytest.approx((found[0] + diag) / 2,
+                                                                     rel=1e-5)
+    assert summary[3]["hd95_mean_penalised"] != "" and summary[3]["hd95_mean"] != ""
+    assert "hd95_mean_penalised" in doc["definitions"] and "HD95 penalised" in res.stdout
 
     # figure: rows worst -> best mean Dice, 4 panels of 160 px with 4 px gaps
     assert doc["figure"]["rows"] == ["c3", "c1", "c2"]
@@ -192,3 +203,16 @@ def test_unreadable_prediction_names_the_file(dataset):
     lines = error_lines(res)
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert str(bad) in lines[0] and "NIfTI" in lines[0]
+
+
+def test_hidden_files_are_skipped_with_a_warning(dataset, tmp_path):
+    import shutil
+
+    ref = tmp_path / "ref_copy"
+    shutil.copytree(dataset / "ref", ref)
+    (ref / "._c1.nii.gz").write_bytes(b"\0" * 10)  # a macOS AppleDouble copy
+    res = run(f"--pred={dataset / 'pred'}", f"--ref={ref}")
+    assert res.returncode == 0, res.stderr
+    warned = [l for l in res.stderr.splitlines() if "hidden" in l]
+    assert len(warned) == 1 and warned[0].startswith("warning: skipped 1 hidden NIfTI file(s)")
+    assert "._c1.nii.gz" in warned[0]

@@ -98,3 +98,64 @@ def test_write_nifti_gives_the_phantom_cases_as_viewable_pairs(tmp_path):
     again = run(*args)
     assert again.returncode == 0 and "0 written, 2 already there" in again.stderr
     assert not [n for n in os.listdir(out / "images") if n.startswith(".")]
+
+
+def _children(pid):
+    """{pid: command line} of the live processes whose parent is ``pid``."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found[int(entry)] = cmd
+    return found
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """prepare_data.py --workers=2 killed with SIGKILL cannot shut its pool
+    down; its worker processes notice and end within seconds."""
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--source=phantom", "--num_cases=40",
+                             "--phantom_shape=64,64,64", f"--output_dir={tmp_path / 'out'}",
+                             "--workers=2", "--noprogress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    workers = {}
+    try:
+        for line in proc.stderr:
+            if line.startswith("preparing"):
+                break
+        deadline = time.time() + 60
+        while time.time() < deadline and len(workers) < 2:
+            workers = {p: c for p, c in _children(proc.pid).items() if "multiprocessing" in c}
+            time.sleep(0.2)
+        assert len(workers) >= 2, _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers), workers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in workers:  # the ones this test started, should the check have failed
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -348,3 +348,26 @@ def test_evaluate_reads_names_from_a_data_set_or_a_model(plain_data, run_dir, tm
         res = _cli("evaluate.py", f"--pred={ref}", f"--ref={ref}", f"--label_names=from:{source}")
         lines = [l for l in res.stderr.splitlines() if l.strip()]
         assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_hidden_entries_and_symlink_loops_are_reported_not_silent(tmp_path):
+    """Hidden case folders / NIfTI files of an AbdomenAtlas folder are named
+    in a note; a symbolic link loop in a plain folder is a bad case that says
+    so (not 'does not exist')."""
+    src = tmp_path / "AbdomenAtlas"
+    _bdmap_case(src, "BDMAP_001", {"liver": (_box((1, 1, 1), (6, 6, 5)), AFFINE)})
+    _bdmap_case(src, ".BDMAP_copy", None, 1)
+    (src / "._ct.nii.gz").write_bytes(b"\0" * 10)
+    found = sources.find_cases(str(src))
+    assert [t.case_id for t in found.tasks] == ["BDMAP_001"]
+    assert any("ignored 2 hidden entries" in n and ".BDMAP_copy" in n and "._ct.nii.gz" in n
+               for n in found.notes), found.notes
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _image(plain / "case1.nii.gz")
+    os.symlink("loop.nii.gz", plain / "loop.nii.gz")
+    lines = []
+    result = prepare(_config(plain, tmp_path / "out"), log=lines.append)
+    assert not result.ok
+    assert any(l.startswith("bad input:") and "loop.nii.gz: symbolic link loop" in l
+               for l in lines), lines

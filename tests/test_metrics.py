@@ -103,7 +103,8 @@ def test_empty_cases_and_case_results():
     assert res[2].pred_ml == pytest.approx(4 * 0.01)
     mean = M.case_mean(res)
     assert mean["n_classes"] == 3 and mean["dice"] == pytest.approx(1 / 3)
-    assert mean["hd95"] == pytest.approx(2 * diag / 3)
+    assert mean["hd95"] == 0.0  # only label 3 was found in both masks (MONAI)
+    assert mean["hd95_penalised"] == pytest.approx(2 * diag / 3)
     assert M.case_mean({4: res[4]})["n_classes"] == 0
     assert M.hd95(pred == 1, ref == 1, spacing, penalty=99.0) == 99.0
 
@@ -125,15 +126,46 @@ def test_aggregate_ignores_absent_and_counts_penalties():
     assert c1["n"] == 3 and c1["dice_mean"] == pytest.approx(0.8)
     assert c1["dice_std"] == pytest.approx(np.std([0.8, 0.6, 1.0], ddof=1))
     assert c1["hd95_mean"] == pytest.approx(2.0) and c1["n_absent"] == 1
+    assert c1["hd95_mean_penalised"] == pytest.approx(2.0)
     assert c2["n"] == 2 and c2["dice_mean"] == pytest.approx(0.45) and c2["n_missed"] == 1
-    assert c2["hd95_mean"] == pytest.approx(25.5)
+    assert c2["hd95_mean_penalised"] == pytest.approx(25.5)
+    assert c2["hd95_mean"] == pytest.approx(1.0) and c2["n_hd95"] == 1  # the miss left out
     ov = agg["overall"]
     case_means = [0.8, 0.3, 0.95]  # case d has nothing to score
     assert ov["n"] == 3 and ov["dice_mean"] == pytest.approx(np.mean(case_means))
     assert ov["dice_std"] == pytest.approx(np.std(case_means, ddof=1))
-    assert ov["hd95_mean"] == pytest.approx(np.mean([2.0, 27.0, 0.5]))
+    assert ov["hd95_mean_penalised"] == pytest.approx(np.mean([2.0, 27.0, 0.5]))
+    assert ov["hd95_mean"] == pytest.approx(np.mean([2.0, 4.0, 0.5]))
     assert ov["dice_class_mean"] == pytest.approx((0.8 + 0.45) / 2)
     one = M.aggregate({"a": per_case["a"]}, [1])
     assert one["classes"][1]["dice_std"] == 0.0 and one["overall"]["dice_mean"] == 0.8
     none = M.aggregate({"d": per_case["d"]}, [1, 2])
     assert none["overall"]["n"] == 0 and math.isnan(none["overall"]["dice_mean"])
+
+
+def test_hd95_mean_leaves_a_missed_organ_out_like_monai_and_the_penalised_mean_counts_it():
+    """Hand-built: two cases, one organ. Case a finds it 2 voxels off (HD95
+    2 mm), case b misses it. MONAI-style mean = 2 mm over n_hd95 = 1 case;
+    the penalised mean averages 2 mm with the image diagonal."""
+    shape, spacing = (12, 12, 6), (1.0, 1.0, 1.0)
+    ref = np.zeros(shape, np.uint8)
+    ref[2:6, 2:6, 1:5] = 1
+    shifted = np.zeros(shape, np.uint8)
+    shifted[4:8, 2:6, 1:5] = 1
+    per_case = {"a": M.evaluate_case(shifted, ref, spacing, [1]),
+                "b": M.evaluate_case(np.zeros(shape, np.uint8), ref, spacing, [1])}
+    assert per_case["a"][1].hd95 == pytest.approx(2.0) and per_case["b"][1].status == "missed"
+    diag = M.image_diagonal_mm(shape, spacing)
+    agg = M.aggregate(per_case, [1])
+    c = agg["classes"][1]
+    assert c["n"] == 2 and c["n_hd95"] == 1 and c["n_missed"] == 1
+    assert c["hd95_mean"] == pytest.approx(2.0) and c["hd95_std"] == 0.0
+    assert c["hd95_mean_penalised"] == pytest.approx((2.0 + diag) / 2)
+    ov = agg["overall"]
+    assert ov["hd95_mean"] == pytest.approx(2.0) and ov["hd95_class_mean"] == pytest.approx(2.0)
+    assert ov["hd95_mean_penalised"] == pytest.approx((2.0 + diag) / 2)
+    assert ov["hd95_class_mean_penalised"] == pytest.approx((2.0 + diag) / 2)
+    # a label never found anywhere has no MONAI mean at all
+    only_missed = M.aggregate({"b": per_case["b"]}, [1])
+    assert math.isnan(only_missed["classes"][1]["hd95_mean"])
+    assert only_missed["classes"][1]["hd95_mean_penalised"] == pytest.approx(diag)

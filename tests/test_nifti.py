@@ -116,3 +116,73 @@ def test_write_nifti_round_trip_and_atomic(tmp_path):
 def test_case_name():
     assert nifti.case_name("/x/case_01.nii.gz") == "case_01"
     assert nifti.case_name("y.NII") == "y"
+
+
+def _forged_header(shape=(1024, 1024, 1024), dtype=np.int16):
+    """The header bytes (+ the empty extension flag) of a NIfTI-1 file that
+    declares ``shape`` voxels, with no voxel data after it."""
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_sform(np.eye(4), code=1)
+    return hdr.binaryblock + b"\0" * 4
+
+
+def test_forged_header_is_refused_before_any_voxel_is_read(tmp_path):
+    """A tiny file whose header declares 1024^3 int16 voxels (2 GiB) is one
+    DataError line naming it, from the header and the file size alone; the
+    reader's peak memory stays small (measured in a child process)."""
+    import subprocess
+    import sys
+
+    forged = tmp_path / "forged.nii.gz"
+    forged.write_bytes(gzip.compress(_forged_header()))
+    assert forged.stat().st_size < 200
+    plain = tmp_path / "forged.nii"
+    plain.write_bytes(_forged_header() + b"\0" * 1000)
+    for path in (forged, plain):
+        for read in (nifti.peek_nifti, nifti.read_nifti):
+            with pytest.raises(DataError, match="truncated or corrupt: header declares "
+                               "1024x1024x1024 int16") as info:
+                read(path)
+            assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+    code = ("import resource, sys\nfrom rr_tf.data import nifti\nfrom rr_tf.errors import DataError\n"
+            "try:\n    nifti.read_nifti(sys.argv[1])\nexcept DataError as err:\n    print(err)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", code, str(forged)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    message, peak_kb = res.stdout.splitlines()
+    assert str(forged) in message and int(peak_kb) < 400_000, (message, peak_kb)
+
+
+def test_declared_size_limit_and_multi_member_gzip(tmp_path):
+    """--max_voxels refuses a big (real) header; a valid file compressed as
+    several gzip members (bgzip style: the trailer only sizes the last,
+    empty member) is counted through and read."""
+    data = ramp_volume((10, 8, 6))
+    path = write(tmp_path / "a.nii", data, np.eye(4), dtype=np.int16)
+    with pytest.raises(DataError, match="480 voxels, more than the limit of 100"):
+        nifti.peek_nifti(path, max_voxels=100)
+    with pytest.raises(DataError, match="limit"):
+        nifti.read_nifti(path, max_voxels=100)
+    raw = open(path, "rb").read()
+    multi = tmp_path / "multi.nii.gz"
+    multi.write_bytes(gzip.compress(raw[:200]) + gzip.compress(raw[200:]) + gzip.compress(b""))
+    np.testing.assert_array_equal(nifti.read_nifti(multi).array, data.astype(np.float32))
+    cut = tmp_path / "cut.nii.gz"  # members lost from the end: shorter than the header says
+    cut.write_bytes(gzip.compress(raw[:-100]) + gzip.compress(b""))
+    with pytest.raises(DataError, match="truncated or corrupt: header declares 10x8x6 int16"):
+        nifti.peek_nifti(cut)
+
+
+def test_symbolic_link_loops_and_broken_links_say_so(tmp_path):
+    loop = tmp_path / "loop.nii.gz"
+    os.symlink(loop.name, loop)  # points at itself
+    _expect_error(loop, "symbolic link loop")
+    dangling = tmp_path / "gone.nii.gz"
+    os.symlink("nowhere.nii.gz", dangling)
+    _expect_error(dangling, "broken symbolic link .*'nowhere.nii.gz'")
+    _expect_error(tmp_path / "missing.nii.gz", "file does not exist")

@@ -270,3 +270,43 @@ def test_finetune_augmentation_flips_only_the_axes_asked():
     assert 3 <= swapped((0,)) <= 13  # p 0.5 per axis over 16 draws
     with pytest.raises(ValueError, match="flip axes"):
         recipes.finetune_augmentation(flip_axes=(3,))
+
+
+def _flip_bytes_inside_a_record(path):
+    """Three bytes flipped in the middle of a shard: same size, broken CRC."""
+    data = bytearray(path.read_bytes())
+    for i in range(3):
+        data[len(data) // 2 + i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_corrupt_shard_is_named_in_the_stream_or_skipped(shards, tmp_path, capfd):
+    """Flipped bytes pass the size check; reading the stream then stops with
+    a DataError naming the shard and the byte offset (not a raw
+    DataLossError), or with skip_corrupt drops the rest of that shard with a
+    warning naming it."""
+    import shutil
+
+    from rr_tf.data.pipeline import shard_errors_named
+
+    out, _ = shards
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = records.read_manifest(copy)
+    bad = copy / manifest["shards"][1]["name"]
+    _flip_bytes_inside_a_record(bad)
+    ds, _ = case_dataset(copy, "train", StreamConfig(repeat=False))  # size check passes
+    with pytest.raises(DataError) as info, shard_errors_named():
+        for _ in ds:
+            pass
+    message = str(info.value)
+    assert message.startswith(f"{bad}: record ") and "of 2 cannot be read" in message
+    assert "corrupted record at byte" in message and "\n" not in message
+    ds, _ = case_dataset(copy, "train", StreamConfig(repeat=False, skip_corrupt=True))
+    ids = [c["case_id"].numpy().decode() for c in ds]
+    assert 4 <= len(ids) < 6  # the good shards, and what of the bad one read before the damage
+    warned = [l for l in capfd.readouterr().err.splitlines()
+              if l.startswith("warning: skipping the rest of shard")]
+    assert len(warned) == 1 and str(bad) in warned[0] and "of 2 cannot be read" in warned[0]
+    with pytest.raises(DataError, match="sha256"):
+        case_dataset(copy, "train", StreamConfig(verify="sha256"))

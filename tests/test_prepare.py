@@ -255,3 +255,38 @@ def test_sampled_foreground_is_bounded_and_seeded():
     assert a.size == 500 and np.array_equal(a, b)
     assert not np.array_equal(a, foreground_sample(image, label, 4, size=500))
     assert foreground_sample(image, np.zeros_like(label), 3).size == 0
+
+
+def test_forged_header_and_max_voxels_are_bad_cases_found_before_reading(tmp_path, monkeypatch):
+    """A 65-byte .nii.gz declaring 1024^3 int16 voxels, and a real image
+    over max_voxels, are bad cases named in the preflight (no voxel of any
+    case is read when they are the bad ones), and nothing is written."""
+    import gzip
+
+    from rr_tf.data import nifti, sources
+    from test_nifti import _forged_header
+
+    img_dir, _, _ = _make_folder(tmp_path, labels=False)
+    forged = img_dir / "forged.nii.gz"
+    forged.write_bytes(gzip.compress(_forged_header()))
+    out = tmp_path / "shards"
+    reads = []
+    real_load = sources.load_case
+    monkeypatch.setattr(sources, "load_case", lambda t, *a: reads.append(t.case_id) or real_load(t, *a))
+    lines = []
+    result = prepare(_config(img_dir, out), log=lines.append)
+    assert not result.ok and _files(out) == []
+    hits = [l for l in lines if l.startswith(f"bad input: {forged}: truncated or corrupt: header "
+                                             "declares 1024x1024x1024 int16")]
+    assert len(hits) == 1, lines
+    assert "forged" not in reads
+    lines.clear()
+    reads.clear()
+    result = prepare(_config(img_dir, out, max_voxels=1000), log=lines.append)
+    bad = [l for l in lines if l.startswith("bad input:")]
+    # case_c (9x12x10) and the forged header are over the limit; case_a/b (990 voxels) are read
+    assert len(bad) == 2 and all("more than the limit of 1000" in l for l in bad), lines
+    assert reads == ["case_a", "case_b"] and _files(out) == []
+    with pytest.raises(Exception, match="max_voxels"):
+        prepare(_config(img_dir, out, max_voxels=0), log=lines.append)
+    assert nifti.MAX_VOXELS == 2 ** 31

@@ -5,6 +5,7 @@ dtype and any (also oblique) affine, and keeps the header facts needed to
 write results back in the file's exact geometry.
 """
 
+import errno
 import gzip
 import os
 import zlib
@@ -15,6 +16,12 @@ from rr_tf.errors import DataError
 from rr_tf.data.volume import Volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Largest image (voxels over all axes) a header may declare: 2^31 int16
+# voxels are 4 GB. A forged header is refused before any voxel is read.
+MAX_VOXELS = 2 ** 31
+# deflate cannot compress better than about 1032:1 (a 258-byte match coded in
+# 2 bits), so a .nii.gz of N bytes holds at most ~1032 N bytes of data
+_DEFLATE_MAX_RATIO = 1032
 
 
 def is_nifti(path):
@@ -30,11 +37,11 @@ def case_name(path):
     return base
 
 
-def _load_header(path):
+def _load_header(path, max_voxels=MAX_VOXELS):
     import nibabel as nib
 
     if not os.path.exists(path):
-        raise DataError(path, "file does not exist")
+        raise DataError(path, _missing_reason(path))
     if os.path.getsize(path) == 0:
         raise DataError(path, "empty file")
     try:
@@ -42,7 +49,77 @@ def _load_header(path):
     except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError,
             zlib.error, gzip.BadGzipFile) as err:
         raise DataError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})")
+    check_data_size(path, img, max_voxels)
     return img
+
+
+def _missing_reason(path):
+    """Why ``path`` cannot be opened although it may be listed in its folder:
+    a symbolic link loop, a link to nothing, or no such file."""
+    if not os.path.islink(path):
+        return "file does not exist"
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself)"
+    return f"broken symbolic link (its target {os.readlink(path)!r} does not exist)"
+
+
+def check_data_size(path, img, max_voxels=MAX_VOXELS):
+    """Refuses (DataError naming ``path``) a header whose declared voxel data
+    the file cannot hold, or larger than ``max_voxels``, before any voxel is
+    read: a 65-byte .nii.gz declaring 1024^3 voxels must not make the reader
+    allocate gigabytes. An uncompressed file must hold vox_offset + the data
+    bytes; a .nii.gz must be able to (deflate's best ratio), and its gzip
+    trailer (ISIZE: the last member's size mod 2^32) must agree, else its
+    stream is counted in bounded memory."""
+    shape = tuple(int(n) for n in img.shape)
+    voxels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    dims = "x".join(map(str, shape))
+    if max_voxels and voxels > max_voxels:
+        raise DataError(path, f"header declares {dims} = {voxels} voxels, more than the limit of "
+                        f"{max_voxels} (max_voxels; prepare_data.py --max_voxels)")
+    dtype = img.header.get_data_dtype()
+    # where the reader starts (a vox_offset of 0 in a .nii means "after the header")
+    offset = getattr(img.dataobj, "offset", None)
+    offset = int(img.header.get_data_offset() if offset is None else offset)
+    need = offset + voxels * dtype.itemsize
+    size = os.path.getsize(path)
+    declared = f"header declares {dims} {dtype} voxels ({need} bytes with the header)"
+    if not str(path).lower().endswith(".gz"):
+        if size < need:
+            raise DataError(path, f"truncated or corrupt: {declared} but the file holds only "
+                            f"{size} bytes")
+        return
+    if need > _DEFLATE_MAX_RATIO * size + 4096:
+        raise DataError(path, f"truncated or corrupt: {declared} but {size} gzip bytes cannot "
+                        "hold that much")
+    with open(path, "rb") as f:
+        f.seek(max(size - 4, 0))
+        isize = int.from_bytes(f.read(4), "little")
+    if (isize >= need) if need < 2 ** 32 else (isize == need % 2 ** 32):
+        return
+    got = _gzip_length(path, need)
+    if got < need:
+        raise DataError(path, f"truncated or corrupt: {declared} but the file decompresses to "
+                        f"{got} bytes")
+
+
+def _gzip_length(path, limit, chunk=1 << 20):
+    """Uncompressed bytes of a gzip file, counted up to ``limit`` in chunks
+    (bounded memory); DataError when the stream is broken."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while total < limit:
+                block = f.read(min(chunk, limit - total))
+                if not block:
+                    break
+                total += len(block)
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(path, f"truncated or corrupt gzip stream ({type(err).__name__}: {err})")
+    return total
 
 
 def _spatial_shape(path, shape):
@@ -57,28 +134,34 @@ def _spatial_shape(path, shape):
                     "required (split 4D series first)")
 
 
-def peek_nifti(path):
-    """Header-only check: returns (spatial shape, affine). Cheap; no voxel read."""
-    img = _load_header(path)
+def peek_nifti(path, max_voxels=MAX_VOXELS):
+    """Header-only check: returns (spatial shape, affine). Cheap; no voxel
+    read (a .nii.gz whose gzip trailer disagrees with its header is counted
+    through once, in bounded memory). ``max_voxels``: see
+    :func:`check_data_size`."""
+    img = _load_header(path, max_voxels)
     shape = _spatial_shape(path, img.shape)
     if min(shape) < 2:
         raise DataError(path, f"image of shape {shape} is not a 3D volume (an axis has size < 2)")
     return shape, np.asarray(img.affine, dtype=np.float64)
 
 
-def read_nifti(path, kind="image"):
+def read_nifti(path, kind="image", max_voxels=MAX_VOXELS):
     """Reads a NIfTI file into a :class:`Volume`.
 
     Args:
       path: ``.nii`` or ``.nii.gz`` file.
       kind: ``"image"`` (float32 after scaling; NaN/Inf rejected) or
         ``"label"`` (integer array; must hold non-negative whole numbers).
+      max_voxels: the largest image the header may declare; the declared
+        data is also checked against the file's size before it is read
+        (:func:`check_data_size`).
 
     Raises:
       DataError: naming the file and the reason.
     """
     path = str(path)
-    img = _load_header(path)
+    img = _load_header(path, max_voxels)
     shape = _spatial_shape(path, img.shape)
     if min(shape) < 2:
         raise DataError(path, f"image of shape {shape} is not a 3D volume (an axis has size < 2)")

@@ -3,7 +3,11 @@
     stream = view_dataset(data_dir, "train", view_fn, StreamConfig(batch_size=4))
 
 Reading: shard files (checked against the manifest first: size, or sha256
-with ``verify="sha256"``) are shuffled with the seed, read interleaved,
+with ``verify="sha256"``) are shuffled with the seed, read interleaved
+(each shard's records counted against the manifest as it is read: a record
+that cannot be read, e.g. bytes flipped on disk after the size check, stops
+the stream with an error that :func:`shard_error` turns into a DataError
+naming the shard, or with ``skip_corrupt`` ends that shard with a warning),
 records shuffled in a bounded buffer, decoded (int16 HU). Views: ``view_fn(image, seed, to_unit)`` (or
 ``view_fn(image, label, seed, to_unit)`` for labelled streams; ``to_unit``
 scales crops to network input with the data set's spec) is called
@@ -16,7 +20,10 @@ policy shards by file (falling back to data).
 """
 
 import collections
+import contextlib
 import dataclasses
+import os
+import re
 import sys
 
 import tensorflow as tf
@@ -55,6 +62,76 @@ class StreamConfig:
                 raise ConfigError(name, "must be >= 0")
         if self.verify not in _VERIFY:
             raise ConfigError("verify", f"must be one of {_VERIFY}, got {self.verify!r}")
+
+
+# the reader's check of a shard's record count (case_dataset) fails with an
+# error whose message carries this, the counts, the compression and the path
+_CORRUPT_MARK = "RR_TF_CORRUPT_SHARD"
+_CORRUPT_RE = re.compile(r"\[" + _CORRUPT_MARK + r"\] \[(\d+)\] \[(\d+)\] \[(\w*)\] \[(.*?)\] "
+                         r"\[END\]", re.S)
+
+
+def shard_error(err):
+    """The DataError naming the shard (and the byte offset of its first bad
+    record when TensorFlow's reader gives one) for an error raised by a
+    stream whose shard could not be read to the end; None for any other
+    error."""
+    match = _CORRUPT_RE.search(str(err))
+    if not match:
+        return None
+    read, total, compression, path = int(match[1]), int(match[2]), match[3], match[4]
+    detail = records.first_bad_record(path, records.COMPRESSIONS.get(compression, ""))
+    return DataError(path, f"record {read + 1} of {total} cannot be read"
+                     f"{' (' + detail + ')' if detail else ''}: the shard changed after it was "
+                     "written (its size still matches the manifest); restore it or prepare the "
+                     "data again. --skip_corrupt_shards leaves such a shard out with a warning, "
+                     "--verify_shards=sha256 checks every shard before training")
+
+
+@contextlib.contextmanager
+def shard_errors_named():
+    """Context (or decorator) turning a stream's unreadable-shard error
+    (:func:`shard_error`) into the DataError naming the shard."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  (re-raised unchanged unless it names a shard)
+        named = shard_error(err)
+        if named is None:
+            raise
+        raise named from None
+
+
+def _read_shard(path, expected, compression_name, skip_corrupt):
+    """The records of one shard; after the last one the count read is
+    compared with the manifest's: short (a record failed to read, which
+    ends the shard) raises the error :func:`shard_error` recognises, or
+    with ``skip_corrupt`` prints a warning naming the shard."""
+    compression = records.COMPRESSIONS[compression_name]
+    raw = tf.data.TFRecordDataset(path, compression_type=compression).ignore_errors()
+    end = tf.data.Dataset.from_tensors((tf.constant(b"", tf.string), tf.constant(True)))
+    items = raw.map(lambda r: (r, tf.constant(False))).concatenate(end)
+    counted = items.scan(tf.constant(0, tf.int64),
+                         lambda n, item: (n + tf.cast(tf.logical_not(item[1]), tf.int64),
+                                          (item[0], item[1], n)))
+
+    def check_end(read):
+        if skip_corrupt:
+            def warn():
+                tf.print("warning: skipping the rest of shard", path, ": record", read + 1, "of",
+                         expected, "cannot be read (corrupt or truncated)",
+                         output_stream=sys.stderr)
+                return tf.constant(False)
+
+            return tf.cond(read >= expected, lambda: tf.constant(False), warn)
+        check = tf.debugging.Assert(read >= expected, [_CORRUPT_MARK, read, expected,
+                                                       compression_name, path, "END"],
+                                    summarize=8)
+        with tf.control_dependencies([check]):
+            return tf.constant(False)
+
+    keep = lambda r, is_end, read: tf.cond(is_end, lambda: check_end(read),  # noqa: E731
+                                            lambda: tf.constant(True))
+    return counted.filter(keep).map(lambda r, is_end, read: r)
 
 
 def shard_files(data_dir, split, config, log=None):
@@ -105,8 +182,10 @@ def case_dataset(data_dir, split, config, input_context=None, log=None):
     [D,H,W], has_label, spacing), shuffled and repeated per config."""
     config.validate()
     manifest, files = shard_files(data_dir, split, config, log)
-    compression = records.COMPRESSIONS[manifest.get("compression", "none")]
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    compression = manifest.get("compression", "none")
+    counts = {s["name"]: int(s["num_records"]) for s in manifest["shards"]}
+    ds = tf.data.Dataset.from_tensor_slices(
+        (files, tf.constant([counts[os.path.basename(f)] for f in files], tf.int64)))
     if input_context is not None and input_context.num_input_pipelines > 1:
         if len(files) < input_context.num_input_pipelines:
             raise DataError(data_dir, f"{len(files)} shard(s) cannot feed "
@@ -117,7 +196,7 @@ def case_dataset(data_dir, split, config, input_context=None, log=None):
         ds = ds.shuffle(len(files), seed=config.seed, reshuffle_each_iteration=True)
     if config.repeat:
         ds = ds.repeat()
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+    ds = ds.interleave(lambda f, n: _read_shard(f, n, compression, config.skip_corrupt),
                        cycle_length=min(config.cycle_length, len(files)),
                        num_parallel_calls=min(config.cycle_length, len(files)),
                        deterministic=config.deterministic)

@@ -28,7 +28,7 @@ import numpy as np
 
 import rr_tf
 from rr_tf.errors import ConfigError, DataError, SpecMismatchError
-from rr_tf.data import labelnames, records, sources
+from rr_tf.data import labelnames, nifti, records, sources
 from rr_tf.data.preprocess import preprocess_case
 from rr_tf.data.spec import PreprocessSpec
 from rr_tf.utils.progress import Progress
@@ -57,6 +57,10 @@ class PrepareConfig:
     # {label value: name}; replaces the names the source declares (a
     # Decathlon dataset.json, BDMAP organ files, the phantom's)
     label_names: dict | None = None
+    # the largest NIfTI image (voxels) a header may declare; larger ones,
+    # and headers declaring more data than their file holds, are bad cases
+    # found before any voxel is read
+    max_voxels: int = nifti.MAX_VOXELS
 
     def validate(self):
         if not self.output_dir:
@@ -82,6 +86,8 @@ class PrepareConfig:
             raise ConfigError("workers", "must be >= 0 (0 = one per CPU core)")
         if self.cases_per_shard < 1:
             raise ConfigError("cases_per_shard", "must be >= 1")
+        if self.max_voxels < 1:
+            raise ConfigError("max_voxels", f"must be >= 1, got {self.max_voxels}")
         if self.compression not in records.COMPRESSIONS:
             raise ConfigError("compression", f"must be one of {tuple(records.COMPRESSIONS)}")
         if len(self.phantom_shape) != 3 or min(self.phantom_shape) < 16:
@@ -124,10 +130,10 @@ def _fingerprint(config, tasks):
     return h.hexdigest()
 
 
-def _process(task, spec):
+def _process(task, spec, max_voxels=nifti.MAX_VOXELS):
     """Worker: load + preprocess one case. Never raises for bad input."""
     try:
-        image, label = sources.load_case(task)
+        image, label = sources.load_case(task, max_voxels)
         case = preprocess_case(task.case_id, image, label, spec, patient_id=task.patient_id)
         return "ok", case
     except DataError as err:
@@ -165,24 +171,48 @@ def intensity_properties(samples):
             "std": float(v.std()), "num_voxels": int(v.size), "num_cases": len(samples)}
 
 
-def _worker_init():
+def _worker_init(parent=None):
     # One BLAS/OpenMP thread per worker: the parallelism is across cases.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    if parent is not None:
+        _die_with_parent(parent)
 
 
-def _ordered_results(tasks, spec, workers):
+def _die_with_parent(parent, every=1.0):
+    """A worker ends within ``every`` seconds of the process that started it
+    (killed with SIGKILL, it cannot shut its pool down, and idle workers
+    would wait for work forever): a watchdog thread sees the parent's pid
+    change. (Not the kernel's parent-death signal: it follows the thread
+    that started the worker, not the process.)"""
+    import threading
+    import time
+
+    if os.getppid() != parent:  # already gone
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _ordered_results(tasks, spec, workers, max_voxels=nifti.MAX_VOXELS):
     """Yields (task, status, payload) in task order, at most 2*workers in flight."""
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
-            yield (t,) + _process(t, spec)
+            yield (t,) + _process(t, spec, max_voxels)
         return
     ctx = multiprocessing.get_context("spawn")  # never fork a process that imported TF
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                initargs=(os.getpid(),)) as pool:
         pending = collections.deque()
         it = iter(tasks)
         for t in it:
-            pending.append((t, pool.submit(_process, t, spec)))
+            pending.append((t, pool.submit(_process, t, spec, max_voxels)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -190,7 +220,7 @@ def _ordered_results(tasks, spec, workers):
             yield (t,) + fut.result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_process, nxt, spec)))
+                pending.append((nxt, pool.submit(_process, nxt, spec, max_voxels)))
 
 
 class _SplitShards:
@@ -308,7 +338,7 @@ def prepare(config, log=None):
     good_tasks = []
     for task in tasks:  # header-only checks before heavy work
         try:
-            sources.preflight(task)
+            sources.preflight(task, config.max_voxels)
             good_tasks.append(task)
         except DataError as err:
             bad.append((err.path, err.reason))
@@ -326,7 +356,8 @@ def prepare(config, log=None):
     cases_meta, fg_samples = [], []
     progress = Progress(len(good_tasks), "cases", enabled=config.progress)
     try:
-        for task, status, payload in _ordered_results(good_tasks, config.spec, workers):
+        for task, status, payload in _ordered_results(good_tasks, config.spec, workers,
+                                                      config.max_voxels):
             progress.update()
             if status == "bad":
                 bad.append(payload)

@@ -217,6 +217,26 @@ def verify_shards(data_dir, manifest, checksum=True):
                 raise DataError(path, "sha256 does not match the manifest (corrupt shard)")
 
 
+def first_bad_record(path, compression=""):
+    """Where reading ``path`` record by record first fails, e.g. ``'record 3:
+    corrupted record at byte 2044'``; None when every record reads (a
+    diagnosis for an error message: it reads the shard up to that point)."""
+    import re
+
+    tf = _tf()
+    count = 0
+    try:
+        for _ in tf.data.TFRecordDataset(path, compression_type=compression):
+            count += 1
+    except tf.errors.OpError as err:
+        text = (err.message or str(err)).strip()
+        found = re.search(r"(corrupted|truncated) record at (\d+)", text)
+        what = (f"{found[1]} record at byte {found[2]}" if found
+                else f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}")
+        return f"record {count + 1}: {what}"
+    return None
+
+
 def iterate_cases(data_dir, split=None, manifest=None):
     """Yields decoded cases as numpy dicts (for tests, inspection and
     inference; training uses the tf.data views instead)."""

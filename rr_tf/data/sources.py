@@ -373,9 +373,11 @@ def _find_bdmap(source, patients):
     the sorted order of all organ names of the data set."""
     cases, notes, problems = _Cases(), [], []
     found = []   # (case id, ct file, segmentations folder or None, {organ: mask file})
-    skipped, unlabelled, other_files, loose = [], [], 0, 0
+    skipped, unlabelled, other_files, loose, hidden = [], [], 0, 0, []
     for name in sorted(os.listdir(source)):
         folder = os.path.join(source, name)
+        if name.startswith(".") and (os.path.isdir(folder) or nifti.is_nifti(name)):
+            hidden.append(name)
         if name.startswith(".") or not os.path.isdir(folder):
             if nifti.is_nifti(name) and not name.startswith("."):
                 loose += 1
@@ -417,14 +419,17 @@ def _find_bdmap(source, patients):
     if loose:
         notes.append(f"ignored {loose} NIfTI file(s) directly in {source}: the AbdomenAtlas layout "
                      "reads <case>/ct.nii.gz")
+    if hidden:
+        notes.append(f"ignored {len(hidden)} hidden entr{'y' if len(hidden) == 1 else 'ies'} in "
+                     f"{source} (names starting with '.'): {_listing(hidden)}")
     return Discovery(cases.sorted(), problems + cases.problems, notes, layout="bdmap",
                      label_names={value[o]: o for o in organs} or None)
 
 
-def _check_grid(path, shape, affine, image_path, what):
+def _check_grid(path, shape, affine, image_path, what, max_voxels=nifti.MAX_VOXELS):
     from rr_tf.data.preprocess import affines_match
 
-    lshape, laffine = nifti.peek_nifti(path)
+    lshape, laffine = nifti.peek_nifti(path, max_voxels)
     if lshape != shape:
         raise DataError(path, f"{what} shape {lshape} does not match image shape {shape} "
                         f"({image_path})")
@@ -432,19 +437,21 @@ def _check_grid(path, shape, affine, image_path, what):
         raise DataError(path, f"{what} affine does not match the image affine ({image_path})")
 
 
-def preflight(task):
-    """Cheap header-only checks, run before any heavy work. Raises DataError."""
+def preflight(task, max_voxels=nifti.MAX_VOXELS):
+    """Cheap header-only checks, run before any heavy work (the declared
+    voxel data against the file size and ``max_voxels`` included). Raises
+    DataError."""
     if task.kind != "nifti":
         return
-    shape, affine = nifti.peek_nifti(task.image)
+    shape, affine = nifti.peek_nifti(task.image, max_voxels)
     if task.label_masks:
         for _, path in task.label_masks:
-            _check_grid(path, shape, affine, task.image, "mask")
+            _check_grid(path, shape, affine, task.image, "mask", max_voxels)
     elif task.label:
-        _check_grid(task.label, shape, affine, task.image, "label")
+        _check_grid(task.label, shape, affine, task.image, "label", max_voxels)
 
 
-def merge_masks(image, masks, source):
+def merge_masks(image, masks, source, max_voxels=nifti.MAX_VOXELS):
     """One uint8 label map from binary organ masks ``((value, file), ...)``
     on ``image``'s grid: each mask's voxels get its value, masks applied in
     ascending value order, so where masks overlap the higher value (the
@@ -455,7 +462,7 @@ def merge_masks(image, masks, source):
 
     label = np.zeros(image.shape, np.uint8)
     for value, path in sorted(masks):
-        mask = nifti.read_nifti(path, kind="label")
+        mask = nifti.read_nifti(path, kind="label", max_voxels=max_voxels)
         if mask.shape != image.shape:
             raise DataError(path, f"mask shape {mask.shape} does not match image shape "
                             f"{image.shape} ({image.source})")
@@ -471,15 +478,16 @@ def merge_masks(image, masks, source):
     return Volume(array=label, affine=np.array(image.affine), source=source)
 
 
-def load_case(task):
-    """Reads a case: returns (image Volume, label Volume or None)."""
+def load_case(task, max_voxels=nifti.MAX_VOXELS):
+    """Reads a case: returns (image Volume, label Volume or None).
+    ``max_voxels``: the largest NIfTI image a header may declare."""
     if task.kind == "phantom":
         from rr_tf.data.phantom import PhantomConfig, generate_phantom
 
         ph = generate_phantom(task.seed, PhantomConfig(shape=tuple(task.phantom_shape)))
         return ph.to_volumes(task.case_id)
     if task.kind == "nifti":
-        image = nifti.read_nifti(task.image, kind="image")
+        image = nifti.read_nifti(task.image, kind="image", max_voxels=max_voxels)
     elif task.kind == "dicom":
         from rr_tf.data.dicom import read_dicom_series
 
@@ -487,6 +495,7 @@ def load_case(task):
     else:
         raise ValueError(f"unknown case kind {task.kind!r}")
     if task.label_masks:
-        return image, merge_masks(image, task.label_masks, task.label or task.image)
-    label = nifti.read_nifti(task.label, kind="label") if task.label else None
+        return image, merge_masks(image, task.label_masks, task.label or task.image, max_voxels)
+    label = (nifti.read_nifti(task.label, kind="label", max_voxels=max_voxels)
+             if task.label else None)
     return image, label

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from rr_tf.data import records
-from rr_tf.data.pipeline import StreamConfig, case_dataset, view_dataset
+from rr_tf.data.pipeline import StreamConfig, case_dataset, shard_errors_named, view_dataset
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
@@ -70,7 +70,7 @@ def unlabelled_stream(config, case_ids, seed, spec=None):
         raise ConfigError("consistency_weight", "the mean teacher needs unlabelled training cases")
     stream = StreamConfig(batch_size=config.unlabelled_batch_size or config.batch_size,
                           crops_per_volume=config.crops_per_volume, seed=seed,
-                          case_ids=tuple(case_ids))
+                          case_ids=tuple(case_ids), **config.stream_checks())
     dataset, _ = view_dataset(config.data_dir, "train", recipes.random_crop(config.crop_size),
                               stream, labelled=False, spec=spec)
     return dataset
@@ -167,9 +167,10 @@ def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=Fa
     return transfer(dst_parts, src_parts, source=source, parts=parts)
 
 
-def validation_cases(data_dir, spec, limit=0):
+def validation_cases(data_dir, spec, limit=0, checks=None):
     """Labelled validation volumes in network units (numpy), for the
-    Validation callback: the first ``limit`` in manifest order (0 = all)."""
+    Validation callback: the first ``limit`` in manifest order (0 = all).
+    ``checks``: the StreamConfig shard checks (RunSettings.stream_checks)."""
     from rr_tf.data.pipeline import unit_scaler
 
     manifest = records.read_manifest(data_dir)
@@ -179,7 +180,7 @@ def validation_cases(data_dir, spec, limit=0):
     if limit:
         ids = ids[:limit]
     ds, _ = case_dataset(data_dir, "val", StreamConfig(repeat=False, shuffle_cases=0,
-                                                       case_ids=tuple(ids)))
+                                                       case_ids=tuple(ids), **(checks or {})))
     to_unit = unit_scaler(spec)
     out = []
     for case in ds:
@@ -216,6 +217,7 @@ def choose_postprocessing(mode, validation, val_cases, labels, run, log):
     return chosen
 
 
+@shard_errors_named()
 def run_finetuning(config, log=None):
     """Runs (or resumes) a fine-tuning; returns the final metrics dict."""
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -270,7 +272,8 @@ def run_finetuning(config, log=None):
         f"{labelled if len(labelled) <= 8 else ''}; "
         f"{'from ' + config.pretrained if config.pretrained else 'from scratch'}")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
-                          seed=config.seed + _DATA_RESEED * step0, case_ids=tuple(labelled))
+                          seed=config.seed + _DATA_RESEED * step0, case_ids=tuple(labelled),
+                          **config.stream_checks())
     recipe = recipes.finetune_patch(
         config.crop_size, fg_fraction=config.fg_fraction, sampling=config.patch_sampling,
         spatial=recipes.finetune_augmentation(
@@ -319,7 +322,7 @@ def run_finetuning(config, log=None):
             if config.mean_teacher:  # the teacher starts from the pre-trained student
                 task.sync_teacher()
             log(f"pretrained: {report.summary()}; details in {run.path}/transfer.json")
-    val_cases = validation_cases(config.data_dir, spec, config.val_cases)
+    val_cases = validation_cases(config.data_dir, spec, config.val_cases, config.stream_checks())
     extra = []
     labels = list(range(1, num_classes))
     validation = None

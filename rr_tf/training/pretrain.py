@@ -7,7 +7,7 @@ import sys
 
 
 from rr_tf.data import records
-from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, view_dataset
+from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, shard_errors_named, view_dataset
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
 from rr_tf.training import loop, optim
@@ -93,6 +93,7 @@ def make_probe(config, run, log):
                          run.probe, log)
 
 
+@shard_errors_named()
 def run_pretraining(config, log=None):
     """Runs (or resumes) a pre-training; returns the final metrics dict."""
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -112,7 +113,7 @@ def run_pretraining(config, log=None):
         f"{run.path}; {strategy.num_replicas_in_sync} replica(s), jit_compile={jit}, "
         f"data {config.data_dir} ({spec.describe()})")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
-                          seed=config.seed + _DATA_RESEED * step0)
+                          seed=config.seed + _DATA_RESEED * step0, **config.stream_checks())
     if config.pairing == "patient":
         pair_fn = cls.pair_recipe(method_config, tuple(config.crop_size))
         log(micle_summary(manifest))

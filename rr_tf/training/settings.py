@@ -8,6 +8,7 @@ from rr_tf.errors import ConfigError
 
 VERBOSITY = {"bar": 1, "line": 2, "none": 0}  # console progress -> Keras verbose
 OPTIMIZERS = ("adamw", "sgd", "lamb", "nnunet_sgd")  # rr_tf.training.optim builds them
+SHARD_CHECKS = ("size", "sha256")  # how shards are checked against the manifest before reading
 
 # where fine-tuning's defaults differ from pre-training's (FinetuneConfig and
 # launch/finetune.py's flags both read them)
@@ -36,6 +37,8 @@ class RunSettings:
     export: bool = True
     seed: int = 0
     overwrite: bool = False
+    verify_shards: str = "size"          # size | sha256: shard check against the manifest
+    skip_corrupt_shards: bool = False    # leave a damaged shard out (warning) instead of stopping
     flags_text: str = ""                 # the resolved flags, written to the run's flags.txt
 
     def start(self, run):
@@ -55,7 +58,14 @@ class RunSettings:
         keras.utils.set_random_seed(self.seed)
         return strategy, jit, step0
 
+    def stream_checks(self):
+        """The StreamConfig fields of the shard checks (every stream of the run)."""
+        return dict(verify=self.verify_shards, skip_corrupt=self.skip_corrupt_shards)
+
     def validate_run(self):
+        if self.verify_shards not in SHARD_CHECKS:
+            raise ConfigError("verify_shards", f"must be one of {SHARD_CHECKS}, got "
+                              f"{self.verify_shards!r}")
         if len(self.crop_size) != 3 or min(self.crop_size) < 1:
             raise ConfigError("crop_size", f"need three positive sizes, got {self.crop_size}")
         if self.optimizer not in OPTIMIZERS:
