@@ -14,6 +14,8 @@ status or is killed, the others are stopped (SIGTERM, then SIGKILL after
 when it was killed by a signal) after one line naming it. Running the same
 command again resumes from the chief's last checkpoint. Exit status: 0 when
 every worker ended with 0; 130 on Ctrl-C (the workers are stopped too).
+The workers' temporary files (TMPDIR) go to a folder of the job that is
+removed at the end, also when a worker was killed.
 
 On real hosts, start one process per host yourself with TF_CONFIG naming
 every host (docs/gpu.md, "Several hosts").
@@ -21,10 +23,12 @@ every host (docs/gpu.md, "Several hosts").
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -116,8 +120,19 @@ def run_workers(command, workers, grace, add_strategy=True, log=None):
     cmd = worker_command(command, add_strategy)
     lock = threading.Lock()
     procs, pumps = [], []
+    # the workers' temporary files (the non-chief workers' copies of the run
+    # directory) go to a folder of this job, removed at the end even when a
+    # worker was killed before it could remove its own
+    scratch = tempfile.mkdtemp(prefix="rr_tf-local-workers-")
+    try:
+        return _run(cmd, ports, scratch, grace, log, lock, procs, pumps)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(cmd, ports, scratch, grace, log, lock, procs, pumps):
     for i, config in enumerate(tf_configs(ports)):
-        env = dict(os.environ, TF_CONFIG=config, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, TF_CONFIG=config, PYTHONUNBUFFERED="1", TMPDIR=scratch)
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              stdin=subprocess.DEVNULL)
         procs.append(p)
@@ -152,7 +167,8 @@ def run_workers(command, workers, grace, add_strategy=True, log=None):
         return flagutil.EXIT_OK
     status = procs[failed].returncode
     log(f"error: worker {failed} (pid {procs[failed].pid}) {_describe(status)}; stopped the "
-        f"other worker(s); the same command resumes from the chief's last checkpoint")
+        f"other worker(s)" + ("; the same command resumes from the chief's last checkpoint"
+                              if status < 0 else ""))
     return status if status > 0 else flagutil.EXIT_STOPPED
 
 
