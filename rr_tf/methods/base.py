@@ -7,6 +7,7 @@ import dataclasses
 import keras
 
 from rr_tf.training import optim
+from rr_tf.training.strategy import DistributedFitMixin
 
 
 def param(default, help, choices=None, low=None, high=None):
@@ -19,7 +20,7 @@ def param(default, help, choices=None, low=None, high=None):
     return dataclasses.field(default=default, metadata=meta)
 
 
-class PretrainMethod(keras.Model):
+class PretrainMethod(DistributedFitMixin, keras.Model):
     """Base class: a keras.Model whose ``train_step`` implements a pretext task.
 
     Subclasses define:
@@ -55,7 +56,7 @@ class PretrainMethod(keras.Model):
         their results, which Keras logs and TensorBoard records."""
         for name, value in values.items():
             self._trackers[name].update_state(value)
-        return {n: t.result() for n, t in self._trackers.items()}
+        return self.replica_logs({n: t.result() for n, t in self._trackers.items()})
 
     @staticmethod
     def replica_scaled(loss):

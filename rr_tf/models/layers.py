@@ -93,6 +93,11 @@ class MaxPool(keras.layers.Layer):
     def __init__(self, rank=3, **kwargs):
         super().__init__(**kwargs)
         self.rank = check_rank(rank)
+        # no weights: built from the start. A pool that is never called (those
+        # of a momentum encoder, which only copies weights) would otherwise
+        # leave its model "unbuilt", and ``fit`` under tf.distribute then
+        # rebuilds the model symbolically from the dict batch and fails
+        self.built = True
 
     def call(self, x):
         r = self.rank

@@ -235,7 +235,7 @@ def run_finetuning(config, log=None):
                           f"unlabelled training cases, but the labelled budget "
                           f"(num_labeled={config.num_labeled}) takes all {len(labelled)} training "
                           "cases; lower --num_labeled or set --consistency_weight=0")
-    run = RunDir(config.run_dir)
+    run = config.run_dir_of_this_worker()
     before = None if config.overwrite else run.state()
     if before is not None and before.get("method") == "finetune" and \
             before.get("mode", "supervised") != mode:
@@ -268,7 +268,8 @@ def run_finetuning(config, log=None):
         run.write_json("unlabelled_cases.json", unlabelled)
     strategy, jit, step0 = config.start(run)
     log(f"finetune: {'resuming at step ' + str(step0) if resumed and step0 else 'new run'} in "
-        f"{run.path}; {kind} segmenter, {num_classes} classes, {len(labelled)} labelled case(s) "
+        f"{run.chief.path}{run.role_note()}; {kind} segmenter, {num_classes} classes, "
+        f"{len(labelled)} labelled case(s) "
         f"{labelled if len(labelled) <= 8 else ''}; "
         f"{'from ' + config.pretrained if config.pretrained else 'from scratch'}")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,

@@ -97,9 +97,12 @@ def _unreadable(path):
     return None
 
 
-def usable_checkpoint(checkpoint_dir, log=None):
+def usable_checkpoint(checkpoint_dir, log=None, read_only=False):
     """The newest checkpoint of ``checkpoint_dir`` that reads in full, or
-    None. On the way: removes ``*_temp`` leftovers of a write killed
+    None. ``read_only`` (a multi-worker run's other workers, reading the
+    chief's folder after the chief has tidied it): changes nothing and
+    raises DataError when the newest one does not read. Otherwise, on the
+    way: removes ``*_temp`` leftovers of a write killed
     half-way, and sets aside (renamed ``*.unreadable``, dropped from the
     ``checkpoint`` state file) each newer checkpoint that does not read,
     saying which file and why, so the run resumes from the previous intact
@@ -113,6 +116,12 @@ def usable_checkpoint(checkpoint_dir, log=None):
     log = log or (lambda m: print(m, file=sys.stderr))
     if not os.path.isdir(checkpoint_dir):
         return None
+    if read_only:
+        latest = tf.train.latest_checkpoint(checkpoint_dir)
+        why = latest and _unreadable(latest)
+        if why:
+            raise DataError(latest, f"the chief's newest checkpoint does not read ({why})")
+        return latest
     for stale in glob.glob(os.path.join(checkpoint_dir, "*_temp*")):
         shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
     state = tf.train.get_checkpoint_state(checkpoint_dir)
@@ -150,13 +159,13 @@ def latest_step(checkpoint_dir, log=None):
     return int(latest.rsplit("-", 1)[1]) if latest else 0
 
 
-def restore_latest(method, checkpoint_dir, log=None):
+def restore_latest(method, checkpoint_dir, log=None, read_only=False):
     """Restores the newest usable checkpoint in ``checkpoint_dir`` into
     ``method`` (which must be built and compiled; an unreadable newer one is
     set aside, :func:`usable_checkpoint`). Returns the restored step (0 if
     none). Raises if the checkpoint and the method do not hold exactly the
     same variables (e.g. another architecture)."""
-    latest = usable_checkpoint(checkpoint_dir, log)
+    latest = usable_checkpoint(checkpoint_dir, log, read_only)
     if latest is None:
         return 0
     if not method.optimizer.built:
@@ -204,6 +213,12 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None, ca
     """Trains ``method`` (a compiled, built keras.Model with a custom
     train_step) on ``dataset`` until ``config.train_steps``.
 
+    In a multi-worker run every worker calls this with the same stream and
+    its own ``run_dir`` (:meth:`RunDir.for_worker`): each restores the
+    chief's newest checkpoint, trains on its slice of every global batch and
+    saves where its run directory says (only the chief's are kept); only
+    the chief shows progress.
+
     ``callbacks``: more Keras callbacks (e.g. fine-tuning's validation).
     Returns a dict with the final step and the last logged metrics.
     Raises TrainingDiverged on a NaN/Inf loss (the last good checkpoint
@@ -212,7 +227,7 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None, ca
     config.validate()
     if not method.optimizer.built:
         method.optimizer.build(method.trainable_variables)
-    step = restore_latest(method, run_dir.checkpoints)
+    step = restore_latest(method, run_dir.resume_from, read_only=not run_dir.is_chief)
     manager = tf.train.CheckpointManager(checkpoint_for(method), run_dir.checkpoints,
                                          max_to_keep=config.keep_checkpoints)
     if step >= config.train_steps:
@@ -238,9 +253,13 @@ def train(method, dataset, run_dir, config, preview_batch=None, hparams=None, ca
     if hparams and step == 0:
         cb.write_hparams(run_dir.tensorboard + "/hparams", hparams)
     per_epoch = config.checkpoint_every
-    history = method.fit(device_batches(dataset), epochs=math.ceil(config.train_steps / per_epoch),
+    from rr_tf.training.strategy import for_workers
+
+    history = method.fit(for_workers(device_batches(dataset), method.distribute_strategy),
+                         epochs=math.ceil(config.train_steps / per_epoch),
                          initial_epoch=step // per_epoch, steps_per_epoch=per_epoch,
-                         callbacks=callbacks, verbose=config.verbose, shuffle=False)
+                         callbacks=callbacks, verbose=config.verbose if run_dir.is_chief else 0,
+                         shuffle=False)
     if guard.bad_step is not None:
         latest = manager.latest_checkpoint or "none (no checkpoint was written before)"
         losses = ", ".join(f"{k}={v:g}" for k, v in guard.bad_logs.items() if "loss" in k)

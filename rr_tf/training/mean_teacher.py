@@ -157,4 +157,4 @@ class MeanTeacherTask(SegmentationTask):
                   "loss_consistency": consistency, "consistency_weight": weight}
         for name, value in values.items():
             self._trackers[name].update_state(value)
-        return {n: t.result() for n, t in self._trackers.items()}
+        return self.replica_logs({n: t.result() for n, t in self._trackers.items()})

@@ -104,13 +104,14 @@ def run_pretraining(config, log=None):
     cls = get_method(config.method)
     method_config = config.method_config or cls.Config()
     cls.check_config(method_config, config)
-    run = RunDir(config.run_dir)
+    run = config.run_dir_of_this_worker()
     resumed = run.prepare(config.method, spec, config.train_steps, config.overwrite)
     run.write_state(method_config=dataclasses.asdict(method_config),
                     crop_size=list(config.crop_size), seed=config.seed)
     strategy, jit, step0 = config.start(run)
     log(f"{config.method}: {'resuming at step ' + str(step0) if resumed and step0 else 'new run'} in "
-        f"{run.path}; {strategy.num_replicas_in_sync} replica(s), jit_compile={jit}, "
+        f"{run.chief.path}{run.role_note()}; {strategy.num_replicas_in_sync} replica(s), "
+        f"jit_compile={jit}, "
         f"data {config.data_dir} ({spec.describe()})")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
                           seed=config.seed + _DATA_RESEED * step0, **config.stream_checks())

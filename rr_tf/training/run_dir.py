@@ -14,11 +14,19 @@ Re-running the same command on an existing RUN_DIR resumes from the last
 checkpoint. A finished run is refused unless ``overwrite`` or a larger
 ``train_steps`` is given; a run made with another method or another
 preprocessing spec is refused.
+
+In a multi-worker run only the chief writes here; every other worker gets
+:meth:`RunDir.for_worker`'s scratch copy, which writes the same files into
+a temporary folder (removed when the process exits) and reads checkpoints,
+read-only, from the chief's run directory, so a restarted job resumes on
+every worker from the checkpoint the chief wrote.
 """
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 
 from rr_tf.errors import ConfigError
 
@@ -45,8 +53,35 @@ class RunDir:
         self.export = os.path.join(self.path, "export")
         self.metrics = os.path.join(self.path, "metrics.json")
         self.probe = os.path.join(self.path, "probe.json")
+        self.is_chief = True
+        self.chief = self                  # the run directory the chief writes
+        self.resume_from = self.checkpoints  # where the checkpoint to resume from is read
+
+    def for_worker(self, is_chief, task_index=0):
+        """This run directory as one worker of a multi-worker run uses it:
+        itself for the chief; for another worker a RunDir in a new temporary
+        folder (removed at exit) that writes what the chief writes (TF's
+        multi-worker rule: every worker saves, so collective reads stay in
+        step, but only the chief's files are kept), checks against the
+        chief's ``run.json`` and resumes from the chief's checkpoints."""
+        if is_chief:
+            return self
+        scratch = RunDir(tempfile.mkdtemp(prefix=f"rr_tf-worker{task_index}-"))
+        atexit.register(shutil.rmtree, scratch.path, True)
+        scratch.is_chief, scratch.chief, scratch.resume_from = False, self, self.checkpoints
+        return scratch
+
+    def role_note(self):
+        """'' for the chief; for another worker, where its files go."""
+        if self.is_chief:
+            return ""
+        return f" (written by the chief; this worker's copies go to {self.path})"
 
     def state(self):
+        """The run's ``run.json`` (the chief's, for any worker), or None."""
+        return self.chief._own_state()
+
+    def _own_state(self):
         if not os.path.exists(self.state_path):
             return None
         with open(self.state_path) as f:
@@ -59,7 +94,9 @@ class RunDir:
         Raises ConfigError naming ``run_dir`` when it cannot be used.
         """
         state = self.state()
-        if state is not None and overwrite:
+        if state is not None and overwrite and not self.is_chief:
+            state = None  # the chief starts the run directory afresh
+        elif state is not None and overwrite:
             for sub in (self.checkpoints, self.tensorboard, self.export):
                 shutil.rmtree(sub, ignore_errors=True)
             for f in (self.state_path, self.metrics, self.probe):
@@ -68,14 +105,14 @@ class RunDir:
             state = None
         if state is not None:
             if state["method"] != method:
-                raise ConfigError("run_dir", f"{self.path} holds a {state['method']!r} run, not "
+                raise ConfigError("run_dir", f"{self.chief.path} holds a {state['method']!r} run, not "
                                   f"{method!r}; use another --run_dir or pass --overwrite")
             if state["spec_hash"] != spec.hash:
-                raise ConfigError("run_dir", f"{self.path} was trained on data with preprocessing "
+                raise ConfigError("run_dir", f"{self.chief.path} was trained on data with preprocessing "
                                   f"spec {state['spec_hash']}, this data has {spec.hash}; use another "
                                   "--run_dir or pass --overwrite")
             if state.get("finished") and train_steps <= state["last_step"]:
-                raise ConfigError("run_dir", f"{self.path} is a finished run of {state['last_step']} "
+                raise ConfigError("run_dir", f"{self.chief.path} is a finished run of {state['last_step']} "
                                   "steps; pass --overwrite to start again or a larger --train_steps "
                                   "to continue it")
         os.makedirs(self.checkpoints, exist_ok=True)
@@ -86,7 +123,7 @@ class RunDir:
         return state is not None
 
     def write_state(self, **fields):
-        state = dict(self.state() or {}, **fields)
+        state = dict(self._own_state() or {}, **fields)
         _atomic_write(self.state_path, json.dumps(state, indent=1) + "\n")
 
     def write_json(self, name, value):

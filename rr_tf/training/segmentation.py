@@ -20,11 +20,12 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.models.momentum import num_replicas, sum_over_replicas
 from rr_tf.training import optim
+from rr_tf.training.strategy import DistributedFitMixin
 from rr_tf.utils.figures import tensorboard_overlay
 from rr_tf.training.callbacks import _step
 
 
-class SegmentationTask(keras.Model):
+class SegmentationTask(DistributedFitMixin, keras.Model):
     """Wraps a segmenter (``rr_tf.models.segmenters`` API) for training."""
 
     def __init__(self, segmenter, num_classes, class_weights=None, freeze_encoder_steps=0,
@@ -75,7 +76,7 @@ class SegmentationTask(keras.Model):
                                                                              self.num_classes)}
         for name, value in values.items():
             self._trackers[name].update_state(value)
-        return {n: t.result() for n, t in self._trackers.items()}
+        return self.replica_logs({n: t.result() for n, t in self._trackers.items()})
 
     # ------------------------------------------------------------ hooks of loop.train
     def extra_callbacks(self):

@@ -45,7 +45,10 @@ class RunSettings:
         """What every run does before building its model: records the flags
         in ``run``, sets the precision policy, makes the strategy, resolves
         jit_compile, reads the step to resume from and seeds Keras.
-        Returns ``(strategy, jit_compile, resume_step)``."""
+        In a multi-worker run the chief reads that step from the run
+        directory and every worker takes the chief's (which also waits for
+        all of them to be there). Returns ``(strategy, jit_compile,
+        resume_step)``."""
         import keras
 
         from rr_tf.training import loop, strategy as st
@@ -54,9 +57,19 @@ class RunSettings:
         st.set_precision(self.mixed_precision)
         strategy = st.make_strategy(self.strategy, self.tpu)
         jit = st.resolve_jit_compile(self.jit_compile, strategy)
-        step0 = loop.latest_step(run.checkpoints)
+        step0 = st.from_chief(strategy, loop.latest_step(run.checkpoints) if run.is_chief else 0)
         keras.utils.set_random_seed(self.seed)
         return strategy, jit, step0
+
+    def run_dir_of_this_worker(self):
+        """The RunDir of ``run_dir`` this process writes: the run directory
+        itself, or in a multi-worker run for a worker other than the chief a
+        temporary stand-in (:meth:`RunDir.for_worker`)."""
+        from rr_tf.training import strategy as st
+        from rr_tf.training.run_dir import RunDir
+
+        _, index, chief = st.worker_role(self.strategy)
+        return RunDir(self.run_dir).for_worker(chief, index)
 
     def stream_checks(self):
         """The StreamConfig fields of the shard checks (every stream of the run)."""

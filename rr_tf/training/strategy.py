@@ -4,8 +4,16 @@ XLA (``jit_compile``) helps on one GPU or TPU, makes Conv3D about 2.6x
 slower on CPU, and crashes under MirroredStrategy in Keras 3 (which turns it
 off under tf.distribute). So ``auto`` means: on for a single GPU or a TPU,
 off on CPU and under Mirrored / MultiWorker strategies.
+
+Multi-worker (``multi_worker``, one process per host, TF_CONFIG): every
+worker builds the same data stream from the same seed and keeps its own
+slice of each global batch (tf.data's DATA sharding, :func:`for_workers`),
+so a step sees each sample once and 2 workers x 1 device train like one
+process with 2 devices (tested). Only the chief writes the run directory;
+:func:`worker_role` tells a process which it is before anything is written.
 """
 
+import json
 import os
 
 import tensorflow as tf
@@ -41,6 +49,102 @@ def make_strategy(name, tpu_address=""):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError("strategy", f"tpu: no TPU could be reached ({first})") from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+def worker_role(strategy_name, env=None):
+    """``(task_type, task_index, is_chief)`` of this process: from TF_CONFIG
+    under ``multi_worker`` (read without starting TensorFlow's runtime, so
+    the run directory can be routed before anything is written), else
+    ``("", 0, True)``. The chief is the ``chief`` task, or worker 0 when the
+    cluster has none (TensorFlow's rule). ``env``: the environment (tests)."""
+    if strategy_name != "multi_worker":
+        return "", 0, True
+    env = os.environ if env is None else env
+    try:
+        tf_config = json.loads(env.get("TF_CONFIG") or "{}")
+        cluster, task = tf_config.get("cluster") or {}, tf_config.get("task") or {}
+        task_type, index = str(task.get("type", "")), int(task.get("index", 0))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ConfigError("strategy", f"multi_worker: TF_CONFIG is not a JSON cluster "
+                          f"description ({err})") from None
+    if task_type not in ("chief", "worker") or task_type not in cluster \
+            or not 0 <= index < len(cluster[task_type]):
+        raise ConfigError("strategy", f"multi_worker: TF_CONFIG's task {task!r} is not a chief "
+                          f"or worker of its cluster {sorted(cluster)}")
+    chief = task_type == "chief" or ("chief" not in cluster and index == 0)
+    return task_type, index, chief
+
+
+def from_chief(strategy, value):
+    """The integer ``value`` as the chief has it, on every worker (a
+    collective all-reduce, so also a barrier: every worker waits for the
+    chief to get here). Multi-worker runs agree this way on the step to
+    resume from, which the chief alone reads from the run directory."""
+    if strategy.num_replicas_in_sync == 1 or strategy.cluster_resolver is None:
+        return int(value)
+    mine = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(int(value) if ctx.replica_id_in_sync_group == 0 else 0, tf.int64))
+    return int(strategy.reduce("SUM", mine, axis=None))
+
+
+def is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def for_workers(dataset, strategy):
+    """``dataset`` as the multi-worker ``strategy`` must split it: every
+    worker runs the whole (identically seeded) stream and keeps its own part
+    of each global batch (DATA sharding), so no sample is seen twice in a
+    step whatever the number of shards, and the split equals one process's
+    split over as many devices. tf.data's default (AUTO) would shard the
+    shard files instead, which starves a worker when there are fewer train
+    shards than workers. Other strategies get ``dataset`` unchanged."""
+    if not is_multi_worker(strategy):
+        return dataset
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+class DistributedFitMixin:
+    """For the keras.Models rr_tf trains with ``fit`` (pre-training methods,
+    the segmentation tasks): works around two Keras 3.15 defects under
+    MultiWorkerMirroredStrategy (minimal repro and details in docs/gpu.md):
+
+    - ``fit`` first builds the model from one batch, made a single tensor
+      with ``strategy.reduce("MEAN", batch)``, which TF 2.21's collective
+      reduce refuses for a dict ("Attempt to convert a value ({'box1':
+      PerReplica...}) with an unsupported type (<class 'dict'>) to a
+      Tensor"). Only the shapes matter there, so the first local replica's
+      part of the batch is taken instead (no cross-worker traffic).
+    - the train step's logs are averaged over workers with
+      ``strategy.reduce("MEAN", value, axis=0)``, which fails for the scalar
+      a train step returns ("Invalid reduction dimension 0 for input with 0
+      dimensions"); :meth:`replica_logs` gives them a length-1 axis there,
+      which that reduction averages away again.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                break
+            else:  # an empty epoch: nothing to build from
+                return None
+            local = self._distribute_strategy.experimental_local_results
+            data_batch = tf.nest.map_structure(
+                lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v,
+                batch)
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    @staticmethod
+    def replica_logs(logs):
+        """A train step's ``{name: scalar}`` logs as Keras must receive them
+        from a replica (unchanged except under MultiWorkerMirroredStrategy)."""
+        if tf.distribute.has_strategy() and is_multi_worker(tf.distribute.get_strategy()):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
 
 def accelerator_kind():
