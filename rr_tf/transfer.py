@@ -66,10 +66,11 @@ class TransferReport:
         os.replace(tmp, path)
 
 
-def transfer(dst_parts, src_parts, source="source", parts=None):
+def transfer(dst_parts, src_parts, source="source", parts=None, flag="init_from"):
     """Copies every matching variable of ``src_parts`` into ``dst_parts``
     (dicts of part name -> layer; ``parts`` restricts the names). Returns a
-    TransferReport; raises ConfigError if nothing matches."""
+    TransferReport; raises ConfigError naming ``flag`` (the option the user
+    gave the source with) if nothing matches."""
     names = [n for n in dst_parts if n in src_parts and (parts is None or n in parts)]
     if parts is not None:
         unknown = sorted(set(parts) - set(dst_parts))
@@ -101,15 +102,16 @@ def transfer(dst_parts, src_parts, source="source", parts=None):
             report.matched.append(tag)
         report.unexpected += [f"{name}/{k}" for k in src if k not in dst]
     if not report.matched:
-        raise ConfigError("init_from", f"{source}: no variable matches the model (model parts "
+        raise ConfigError(flag, f"{source}: no variable matches the model (model parts "
                           f"{sorted(dst_parts)}, source parts {sorted(src_parts)}; "
                           f"{len(report.shape_mismatch)} shape mismatches)")
     return report
 
 
-def source_parts(path):
+def source_parts(path, flag="init_from"):
     """(parts dict, spec or None) of a pre-training run directory, an export
-    directory (``parts.json``), or one exported ``.keras`` file."""
+    directory (``parts.json``), or one exported ``.keras`` file; ConfigError
+    naming ``flag`` when ``path`` is none of them."""
     import keras
 
     import rr_tf.models  # noqa: F401  (registers the classes)
@@ -130,7 +132,7 @@ def source_parts(path):
         return parts, _spec_next_to(path)
     if os.path.isfile(path) and path.endswith(".keras"):
         return _parts_of(keras.saving.load_model(path)), _spec_next_to(os.path.dirname(path))
-    raise ConfigError("init_from", f"{path}: not a pre-training run directory (run.json), an "
+    raise ConfigError(flag, f"{path}: not a pre-training run directory (run.json), an "
                       "export directory (parts.json) or a .keras file")
 
 

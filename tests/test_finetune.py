@@ -444,6 +444,19 @@ def test_a_crop_far_beyond_every_volume_is_refused_before_building(shards, tmp_p
     assert not (tmp_path / "big").exists()  # nothing written
 
 
+def test_a_wrong_pretrained_source_names_the_flag_and_writes_nothing(shards, tmp_path):
+    """--pretrained pointing at a folder that is no run, export or .keras
+    file: one ConfigError naming --pretrained (not the library's init_from),
+    before the run directory exists."""
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    with pytest.raises(ConfigError, match=r"^pretrained: .*not_a_run: not a pre-training run"):
+        run_finetuning(FinetuneConfig(data_dir=shards, run_dir=str(tmp_path / "ft"),
+                                      pretrained=str(other), train_steps=1, verbose=0),
+                       log=lambda m: None)
+    assert not (tmp_path / "ft").exists()
+
+
 def _finetune_two_steps(shards, jit):
     from rr_tf.data import recipes
     from rr_tf.data.pipeline import StreamConfig, view_dataset

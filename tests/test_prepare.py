@@ -290,3 +290,43 @@ def test_forged_header_and_max_voxels_are_bad_cases_found_before_reading(tmp_pat
     with pytest.raises(Exception, match="max_voxels"):
         prepare(_config(img_dir, out, max_voxels=0), log=lines.append)
     assert nifti.MAX_VOXELS == 2 ** 31
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
+    """The output folder's lock: a live holder's pid refuses a second
+    prepare in one line naming the pid and the lock, before anything is
+    written; a lock whose holder is gone (a killed run) is taken over, and
+    the lock is gone when prepare returns."""
+    import subprocess
+    import sys
+    import time
+
+    from rr_tf.data.prepare import LOCK_NAME
+
+    img_dir, lab_dir, _ = _make_folder(tmp_path)
+    out = tmp_path / "shards"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(f"{holder.pid}\n")
+        with pytest.raises(DataError, match=rf"another prepare_data \(pid {holder.pid}\) is "
+                                            rf"writing this folder.*{LOCK_NAME}") as info:
+            prepare(_config(img_dir, out, lab_dir), log=lambda m: None)
+        assert str(info.value).startswith(str(out)) and "\n" not in str(info.value)
+        assert _files(out) == [LOCK_NAME]  # nothing written, the holder's lock kept
+        # a lock just created, its pid not yet written: held as well
+        (out / LOCK_NAME).write_text("")
+        with pytest.raises(DataError, match=r"pid \?"):
+            prepare(_config(img_dir, out, lab_dir), log=lambda m: None)
+        (out / LOCK_NAME).write_text(f"{holder.pid}\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    result = prepare(_config(img_dir, out, lab_dir), log=lambda m: None)  # holder gone: stale
+    assert result.ok and LOCK_NAME not in _files(out)
+    # an empty lock older than a few seconds (killed between create and write): stale
+    (out / LOCK_NAME).write_text("")
+    old = time.time() - 60
+    os.utime(out / LOCK_NAME, (old, old))
+    assert prepare(_config(img_dir, out, lab_dir), log=lambda m: None).ok
+    assert LOCK_NAME not in _files(out)

@@ -118,7 +118,10 @@ def test_one_vs_two_replicas_use_the_global_batch():
     """One SGD step: weights, BN statistics and the loss agree; each replica
     scores its anchors against all 2N - 1 other views of the global batch.
 
-    With GroupNorm in the CNN the runs agree to float32 rounding. With the
+    With GroupNorm in the CNN the runs agree to float32 rounding: up to
+    2e-4 of the step in the first conv's kernel, whose gradient is a nearly
+    cancelling sum over every voxel, summed per replica then across (seen
+    2.1e-4 on a contended run; docs/gpu.md, "Why the updates differ"). With the
     default global BN (``sync_batch``) they agree to ~1e-2 of the step:
     Keras computes the cross-replica variance as E[x^2] - E[x]^2 but the
     one-device variance in two passes (cancellation in this width-2 net).
@@ -129,7 +132,7 @@ def test_one_vs_two_replicas_use_the_global_batch():
                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads(res.stdout.strip().splitlines()[-1])
-    for norm, tol in (("group", 1e-4), ("sync_batch", 5e-2)):
+    for norm, tol in (("group", 5e-4), ("sync_batch", 5e-2)):
         out = results[norm]
         assert out["n"] > 25
         assert out["cols"] == [[7], [7, 7]], out  # 2N - 1 = 7 columns on both replicas

@@ -322,6 +322,12 @@ def prepare(config, log=None):
 
     gf = records.gfile()  # imports TensorFlow: after the checks of the source
     gf.makedirs(config.output_dir)
+    with _WriterLock(config.output_dir):
+        return _prepare_into(config, log, gf, tasks, problems, layout, names)
+
+
+def _prepare_into(config, log, gf, tasks, problems, layout, names):
+    """The writing part of :func:`prepare`, run under the output's lock."""
     _remove_stale_temporaries(config.output_dir)
     old = _existing_manifest(config, log)
     fingerprint = _fingerprint(config, tasks)
@@ -453,6 +459,72 @@ def _remove_stale_temporaries(output_dir):
         pid = name.rsplit(".tmp-", 1)[1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             os.remove(os.path.join(output_dir, name))
+
+
+LOCK_NAME = ".prepare.lock"
+
+
+class _WriterLock:
+    """One writer per output folder: ``.prepare.lock`` holds the writer's pid
+    (created with O_EXCL). A second ``prepare`` into the folder while the
+    holder lives is refused with one line; a lock left by a killed writer
+    (its pid gone) is taken over. Object-store folders (``gs://``) are not
+    locked."""
+
+    def __init__(self, output_dir):
+        self.path = None if "://" in str(output_dir) else os.path.join(str(output_dir), LOCK_NAME)
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None and self._age() < 10.0:
+                    holder = -1  # just created, its pid not yet written: held
+                if holder is not None and holder != os.getpid() and (holder < 0 or
+                                                                   _pid_alive(holder)):
+                    raise DataError(os.path.dirname(self.path),
+                                    f"another prepare_data (pid {holder if holder > 0 else '?'}) "
+                                    "is writing this folder; "
+                                    f"wait for it to finish, or remove {self.path} if that "
+                                    "process is not a prepare_data run") from None
+                try:  # the holder is gone: a stale lock
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return self
+        raise DataError(os.path.dirname(self.path), f"could not take the lock {self.path}")
+
+    def _holder(self):
+        """The pid in the lock; None when empty or unreadable."""
+        try:
+            with open(self.path) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid > 0 else None
+
+    def _age(self):
+        import time
+
+        try:
+            return time.time() - os.path.getmtime(self.path)
+        except OSError:
+            return 0.0
+
+    def __exit__(self, *exc):
+        if self.path is not None and self._holder() == os.getpid():
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        return False
 
 
 def _pid_alive(pid):

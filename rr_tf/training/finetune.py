@@ -152,7 +152,7 @@ def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=Fa
     from rr_tf.transfer import source_parts, transfer
 
     if src_parts is None:
-        src_parts, src_spec = source_parts(source)
+        src_parts, src_spec = source_parts(source, flag="pretrained")
     if spec is not None and src_spec is not None and src_spec.hash != spec.hash \
             and not allow_spec_mismatch:
         raise SpecMismatchError(source, f"pre-trained on data preprocessed with "
@@ -164,7 +164,7 @@ def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=Fa
     if method and isinstance(model, segmenters.UNetSegmenter) and \
             not segmenters.transfers_decoder(method):
         dst_parts = model.transfer_parts(decoder=False)
-    return transfer(dst_parts, src_parts, source=source, parts=parts)
+    return transfer(dst_parts, src_parts, source=source, parts=parts, flag="pretrained")
 
 
 def validation_cases(data_dir, spec, limit=0, checks=None):
@@ -235,6 +235,18 @@ def run_finetuning(config, log=None):
                           f"unlabelled training cases, but the labelled budget "
                           f"(num_labeled={config.num_labeled}) takes all {len(labelled)} training "
                           "cases; lower --num_labeled or set --consistency_weight=0")
+    # the architecture: from the pre-trained parts (keys must match) or from the config;
+    # read before the run directory is made, so a wrong --pretrained leaves nothing behind
+    src_parts = src_spec = None
+    if config.pretrained:
+        from rr_tf.transfer import source_parts
+
+        src_parts, src_spec = source_parts(config.pretrained, flag="pretrained")
+        kind = auto_kind(src_parts) if config.segmenter == "auto" else config.segmenter
+        args = dict(architecture_from(src_parts, kind), **config.segmenter_args)
+    else:
+        kind = "unet" if config.segmenter == "auto" else config.segmenter
+        args = dict(config.segmenter_args)
     run = config.run_dir_of_this_worker()
     before = None if config.overwrite else run.state()
     if before is not None and before.get("method") == "finetune" and \
@@ -244,17 +256,6 @@ def run_finetuning(config, log=None):
                           f"be resumed as {mode} (use another --run_dir or --overwrite)")
     resumed = run.prepare("finetune", spec, config.train_steps, config.overwrite)
 
-    # the architecture: from the pre-trained parts (keys must match) or from the config
-    src_parts = src_spec = None
-    if config.pretrained:
-        from rr_tf.transfer import source_parts
-
-        src_parts, src_spec = source_parts(config.pretrained)
-        kind = auto_kind(src_parts) if config.segmenter == "auto" else config.segmenter
-        args = dict(architecture_from(src_parts, kind), **config.segmenter_args)
-    else:
-        kind = "unet" if config.segmenter == "auto" else config.segmenter
-        args = dict(config.segmenter_args)
     run.write_state(kind=kind, segmenter_args=args, num_classes=num_classes,
                     crop_size=list(config.crop_size), seed=config.seed,
                     pretrained=config.pretrained, labelled_cases=labelled, mode=mode)

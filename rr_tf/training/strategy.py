@@ -197,8 +197,9 @@ def set_precision(policy):
     if policy not in names:
         raise ConfigError("mixed_precision", f"must be one of {tuple(names)}, got {policy!r}")
     if policy == "float16" and accelerator_kind() != "gpu":
-        raise ConfigError("mixed_precision", "float16 needs a GPU: TensorFlow has no float16 "
-                          "MaxPool3D kernel on CPU; use bfloat16 on CPU and TPU")
+        raise ConfigError("mixed_precision", "float16 needs a GPU: it exists for GPU tensor "
+                          "cores and CPUs gain nothing from it (the float16 graph runs on CPU "
+                          "in the tests); use bfloat16 on CPU and TPU")
     if policy == "bfloat16" and accelerator_kind() == "cpu" and onednn_bf16_unsafe():
         raise ConfigError("mixed_precision", "bfloat16 on this CPU (AVX512-BF16) with "
                           "TensorFlow's oneDNN kernels gives NaN Conv3D weight gradients "
