@@ -44,6 +44,7 @@ flags.DEFINE_enum("norm", None, ["batch", "sync_batch", "group", "instance", "no
 flags.DEFINE_integer("decoder_width", None, "Hybrid and UNETR segmenters: decoder channels per "
                      "unit of stride (default: hybrid 2 x base width, UNETR 16); not for unet.",
                      lower_bound=1)
+flagutil.define_memory_flag()
 flagutil.define_run_flags(FINETUNE_DEFAULTS, helps=dict(
     crop_size="Patch (and sliding window) size D,H,W.",
     crops_per_volume="Patches cut from each decoded volume.",

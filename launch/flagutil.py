@@ -258,12 +258,45 @@ def main(script, main_fn, interrupted="interrupted (Ctrl-C)"):
     app.run(run, flags_parser=parse)
 
 
-def run_job(script, job):
+def define_memory_flag():
+    """``--memory_limit_gb`` of the launchers that train or segment."""
+    flags.DEFINE_float("memory_limit_gb", 0.0, "Stop with one line when this process's resident "
+                       "memory passes this many GiB (0 = what it held plus what was available "
+                       "at start, less 5 %; the kernel would otherwise kill it without a "
+                       "message). Host memory only: GPU/TPU memory errors are reported by "
+                       "TensorFlow.", lower_bound=0.0)
+
+
+def guard_memory(script, hint):
+    """Starts the memory guard of ``--memory_limit_gb`` (see
+    rr_tf.utils.memory): past the limit the process prints one line naming
+    its peak, the limit and ``hint`` (the flags that reduce memory) and
+    exits 2. Returns the guard (None when the limit cannot be known)."""
+    from rr_tf.utils import memory
+
+    limit = flags.FLAGS.memory_limit_gb * memory.GIB if flags.FLAGS.memory_limit_gb else \
+        memory.default_limit()
+    if not limit:
+        return None
+    origin = "--memory_limit_gb" if flags.FLAGS.memory_limit_gb else \
+        "what was free at start; --memory_limit_gb sets it"
+    return memory.MemoryGuard(limit, memory.exit_over_limit(script, hint, EXIT_STOPPED,
+                                                            origin)).start()
+
+
+TRAINING_MEMORY_HINT = "lower --batch_size, --crop_size or --base_width"
+
+
+def run_job(script, job, memory_hint=TRAINING_MEMORY_HINT):
     """Runs a training launcher's ``job()`` and exits: 0 when it returns, 1
     with one line when the run diverged (the last good checkpoint is kept),
-    2 with one line on bad input or configuration (no traceback)."""
+    2 with one line on bad input or configuration (no traceback), or when
+    the process outgrows ``--memory_limit_gb`` (if the launcher defines it;
+    the line names ``memory_hint``)."""
     from rr_tf.errors import RrTfError
 
+    if "memory_limit_gb" in flags.FLAGS:
+        guard_memory(script, memory_hint)
     try:
         job()
     except (RrTfError, ValueError) as err:

@@ -42,6 +42,7 @@ flags.register_validator(
     lambda v: v in ("auto", "none", "all") or all(p.strip().isdigit() for p in v.split(",")),
     "--largest_component must be auto, none, all or comma-separated label values")
 flags.DEFINE_string("series_uid", None, "DICOM folder with several series: the one to use.")
+flagutil.define_memory_flag()
 flags.mark_flags_as_required(["model", "input", "output"])
 
 
@@ -80,6 +81,7 @@ def main(argv):
     from rr_tf.errors import RrTfError
     from rr_tf.predict import SegmentationModel
 
+    flagutil.guard_memory(__file__, "lower --window_batch, or segment a smaller or coarser scan")
     try:
         cases = _inputs(FLAGS.input)
         many = len(cases) > 1

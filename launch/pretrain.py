@@ -30,6 +30,7 @@ flags.DEFINE_string("data_dir", None, "Shards + manifest.json made by launch/pre
 flags.DEFINE_string("run_dir", None, "Run directory (created; an existing one is resumed).")
 flagutil.define_phantom_flags()
 # --- schedule, hardware, monitoring, checkpoints: shared with launch/finetune.py
+flagutil.define_memory_flag()
 flagutil.define_run_flags(helps=dict(
     crop_size="Crop size D,H,W in voxels (each a multiple of 16 for RepRec's stride-16 tokens).",
     export="Export the encoders at the end (launch/export.py).",
