@@ -209,14 +209,19 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
     assert set(post["dice_without_with"]) == {str(c) for c in range(1, 11)}
     assert set(post["largest_component"]) <= set(range(1, 11))
 
-    # the SavedModel (sliding window inside) in a fresh process = the Keras model
+    # the SavedModel (sliding window inside) in a fresh process = the Keras model, also
+    # when the signature is compiled by XLA
     stored = np.random.default_rng(0).uniform(-1000, 1000, (20, 18, 24)).astype("float32")
     np.save(tmp_path / "v.npy", stored)
     script = (
         "import numpy as np, tensorflow as tf\n"
         f"m = tf.saved_model.load({str(run / 'export' / 'segmenter')!r})\n"
-        f"out = m.signatures['serving_default'](volume_hu=tf.constant(np.load({str(tmp_path / 'v.npy')!r})))\n"
-        f"np.save({str(tmp_path / 'p.npy')!r}, out['probabilities'].numpy())\n")
+        f"v = tf.constant(np.load({str(tmp_path / 'v.npy')!r}))\n"
+        "serve = m.signatures['serving_default']\n"
+        "out = serve(volume_hu=v)\n"
+        "xla = tf.function(lambda x: serve(volume_hu=x), jit_compile=True)(v)\n"
+        f"np.save({str(tmp_path / 'p.npy')!r}, out['probabilities'].numpy())\n"
+        f"np.save({str(tmp_path / 'px.npy')!r}, xla['probabilities'].numpy())\n")
     res = run_logged([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -227,6 +232,8 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
     want = sliding_window_inference(model.to_unit(stored), model._predict, model.window,
                                     overlap=model.overlap, pad_value=0.0)
     np.testing.assert_allclose(served, want, atol=1e-4)
+    # the same signature compiled by XLA (what a GPU serving stack may do)
+    np.testing.assert_allclose(np.load(tmp_path / "px.npy"), want, atol=1e-4)
 
 
 def test_infer_cli_errors(tmp_path):

@@ -87,8 +87,12 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     script = (
         "import json, sys, numpy as np, tensorflow as tf\n"
         f"m = tf.saved_model.load({str(run_dir / 'export' / 'hybrid_encoder')!r})\n"
-        f"out = m.signatures['serving_default'](volume=tf.constant(np.load({str(tmp_path / 'x.npy')!r})))\n"
+        f"x = tf.constant(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "serve = m.signatures['serving_default']\n"
+        "out = serve(volume=x)\n"
+        "xla = tf.function(lambda v: serve(volume=v), jit_compile=True)(x)\n"
         f"np.savez({str(tmp_path / 'y.npz')!r}, **{{k: v.numpy() for k, v in out.items()}})\n"
+        f"np.savez({str(tmp_path / 'yx.npz')!r}, **{{k: v.numpy() for k, v in xla.items()}})\n"
         "print(json.dumps({'spec_hash': m.spec_hash.numpy().decode()}))\n")
     res = run_logged([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
                          timeout=300)
@@ -99,8 +103,10 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     model = keras.models.load_model(run_dir / "export" / "hybrid_encoder.keras")
     direct = model(x)
     assert served["transformer_stride_16"].shape == (1, 3, 2, 4, 16)
+    compiled = np.load(tmp_path / "yx.npz")  # the signature under XLA
     for key, value in direct.items():
         np.testing.assert_allclose(served[key], np.asarray(value), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(compiled[key], np.asarray(value), rtol=1e-3, atol=1e-3)
 
     # launch/export.py rebuilds the method from the run directory and exports again
     res = run_logged([sys.executable, os.path.join(ROOT, "launch", "export.py"),
