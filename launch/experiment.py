@@ -464,6 +464,13 @@ def run_experiment(out, s):
     arms = ["scratch"] + list(s["methods"])
     grid = [(a, b, seed) for a in arms for b in s["num_labeled"] for seed in range(s["seeds"])]
     todo = [g for g in grid if not os.path.exists(score_path(out, *g))]
+    for g in grid:
+        if g not in todo:
+            steps = _read_json(score_path(out, *g)).get("finetune_steps")
+            if steps != s["finetune_steps"]:
+                raise ValueError(f"{score_path(out, *g)} was scored after {steps} fine-tuning "
+                                 f"steps, this run asks {s['finetune_steps']}; use another "
+                                 "--output_dir (or the same settings)")
     for arm, budget, seed in grid:
         if (arm, budget, seed) not in todo:
             print(f"{arm} n={budget} seed={seed}: scored before, skipped", file=sys.stderr)
@@ -590,13 +597,15 @@ def report_markdown(res):
     if res["preset"] == "quick":
         widths = [n["ci_half_width"] for row in res["power"].values() for n in row.values()
                   if n["ci_half_width"] is not None and not math.isnan(n["ci_half_width"])]
-        span = (f"{min(widths):.3f}-{max(widths):.3f}" if widths else "not available")
-        lines += [f"**This is the quick preset** ({s['seeds']} seeds, {s['finetune_steps']} "
+        width = (f"its 95 % intervals of the paired difference have half-widths of "
+                 f"{min(widths):.3f}-{max(widths):.3f} Dice, so differences smaller than that "
+                 "are not resolved" if widths else
+                 "with fewer than two paired seeds it has no interval at all")
+        lines += [f"**This is the quick preset** ({s['seeds']} seed(s), {s['finetune_steps']} "
                   f"fine-tuning steps, {s['pretrain_steps']} pre-training steps, sized for "
-                  "about an hour on 2 CPU cores): its 95 % intervals of the paired difference "
-                  f"have half-widths of {span} Dice, so differences smaller than that are not "
-                  "resolved; `--preset=full` (8 seeds, the recipe's schedule) is the experiment "
-                  "sized to resolve 5 Dice points at 1 labelled case.", ""]
+                  f"about an hour on 2 CPU cores): {width}; `--preset=full` (8 seeds, the "
+                  "recipe's schedule) is the experiment sized to resolve 5 Dice points at 1 "
+                  "labelled case.", ""]
     d = res["data"] or {}
     lines += [f"Preset `{res['preset']}`. Mean foreground Dice over the 10 organs and the "
               f"{s['test_cases']} held-out test phantoms (data seed {s['test_seed']}), per seed; "
@@ -703,6 +712,7 @@ def plot_results(res, path):
     for ax, ylabel, title in ((left, "mean Dice (held-out test)", "Dice per arm (95 % CI)"),
                               (right, "Dice difference vs scratch", "Paired difference (95 % CI)")):
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(budgets) / 1.5, max(budgets) * 1.5)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("labelled cases")
@@ -712,7 +722,7 @@ def plot_results(res, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     left.set_ylim(0.0, 1.0)
-    fig.suptitle(f"Does pre-training help? (preset {res['preset']}, {s['seeds']} seeds)")
+    fig.suptitle(f"Does pre-training help? (preset {res['preset']}, {s['seeds']} seed(s))")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)

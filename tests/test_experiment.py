@@ -168,6 +168,10 @@ def test_scored_runs_are_not_launched_again(tmp_path, monkeypatch):
     assert sorted((r["arm"], r["seed"]) for r in scores) == [
         ("reprec", 0), ("reprec", 1), ("scratch", 0), ("scratch", 1)]
 
+    # a score made with another schedule is not mixed in silently
+    with pytest.raises(ValueError, match="scored after 4 fine-tuning steps, this run asks 300"):
+        experiment.run_experiment(str(tmp_path), dict(s, finetune_steps=300))
+
 
 def test_overlapping_seed_sets_fail_in_one_line(tmp_path):
     with pytest.raises(ValueError) as err:
