@@ -23,39 +23,60 @@ pre-trained CNN's width (--width, else configs/demo.flags' base width) and
 
 Paired design: in every arm the fine-tuning of seed s runs with --seed=s,
 and launch/finetune.py's --seed alone picks the labelled subset
-(choose_labeled: a permutation of the sorted labelled training cases), the
-patch stream (sampling and augmentation) and the Keras global seed, so for
-one seed every arm sees the same labelled cases in the same order and newly
-created layers of the same shapes start from the same draws. The statistics
-(rr_tf/stats.py) are the paired differences arm - scratch per seed, their
-mean and a 95 % percentile bootstrap interval of that mean (10,000
-resamples, seeded), overall and per organ.
+(choose_labeled: a permutation of the sorted labelled training cases, which
+depends on the seed and the manifest only), the patch stream (sampling and
+augmentation) and the Keras global seed. So for one seed every arm
+fine-tunes on the same labelled cases with the same patches in the same
+order, and arms whose segmenter is the scratch arm's U-Net (same width and
+levels) should draw the same initial weights for their new layers, the
+encoder being built (then overwritten) first in both; arms with another
+segmenter (RepRec's hybrid, MAE's UNETR) share the cases and the stream but
+not the draws of their new layers. (The same-draws claim follows from the
+shared global seed and build order; it is not checked layer by layer.)
+The statistics (rr_tf/stats.py) are the paired differences arm - scratch
+per seed, their mean and a 95 % percentile bootstrap interval of that mean
+(10,000 resamples, seeded), overall and per organ.
 
 Presets (--preset sets defaults; any flag given explicitly wins):
-  quick  RepRec vs scratch, budgets 1 and 4, 3 seeds, pool of 24, 4 test
-         phantoms, 300 pre-training steps of batch 4, 300 fine-tuning steps,
-         CNN width 4. Sized for at most 60 min on 2 CPU cores (an ESTIMATE
-         from the measured costs below, not a timed run). Its intervals are
-         wide: with 3 seeds the half-width is about 1.15 x the paired
-         std, so it shows gross effects only.
+  quick  RepRec vs scratch, budgets 1 and 4, 3 seeds (12 fine-tunings), pool
+         of 24, 4 test phantoms, 300 pre-training steps of batch 4, 300
+         fine-tuning steps, CNN width 4 (the demo flagfiles'). Sized for at
+         most 60 min on 2 CPU cores: ESTIMATED 40-50 min, not a timed run
+         (pre-training 300 x 4 took about 8 min uncontended on 2026-11-22;
+         a fine-tuning's fixed cost, i.e. start, 1 validation, export,
+         inference on 1 test phantom and scoring, measured 0.8 min in the
+         smoke run below; 300 steps at width 4 are estimated at 1.2-1.8 min
+         from the recipe's measured 0.37-0.49 s/step at width 8). Its
+         intervals are wide: with 3 seeds the half-width is about
+         2.0 s / sqrt(3) = 1.15 s, so it resolves gross effects only.
   full   scratch, reprec, mae, moco, genesis, pcrlv2; budgets 1, 2, 4;
-         8 seeds; pool of 240; 10 test phantoms; 2000 pre-training steps;
-         the recipe's 3000 fine-tuning steps at its width 8. 144
-         fine-tunings: about 2.5 days on 2 CPU cores (ESTIMATE: 20-25 min per
-         fine-tuning, docs/results.md), hours on a GPU.
-  gpu    the full arms plus simclr, pcrl and pgl (all nine methods of
-         --methods can be named in any preset), budgets 1, 2, 4, 8,
-         10 seeds, pool of 400, 20000 pre-training steps at width 16, the
-         recipe's 3000 fine-tuning steps, --hw=configs/hw/gpu1.flags. Not run.
+         8 seeds (144 fine-tunings); pool of 240; 10 test phantoms; 2000
+         pre-training steps of batch 4; the recipe's 3000 fine-tuning steps
+         at its width 8, validated 6 times on the recipe's 2 cases.
+         ESTIMATED 2.5-3 days on 2 CPU cores (20-25 min per fine-tuning as
+         measured for the recipe in docs/results.md), hours on a GPU.
+  gpu    a larger preset, not run: the full arms plus simclr, pcrl and pgl,
+         budgets 1, 2, 4, 8, 10 seeds, pool of 400, 20000 pre-training steps
+         of batch 8 at width 16, the recipe's 3000 fine-tuning steps,
+         --hw=configs/hw/gpu1.flags.
+Any of the nine methods can be named with --methods in every preset.
 
-Seeds: the paired interval's half-width is about 2.0 * s / sqrt(n) for n
-seeds whose paired differences (arm - scratch) have std s. To resolve 5
-Dice points at 1 labelled case (half-width <= 0.05) n must be at least
-(2.0 * s / 0.05) ** 2: the 2026-11-22 experiment (150 steps, 2 seeds)
-measured s of about 0.02-0.04 at 1 case, which 8 seeds resolve with room to
-spare (s up to 0.07); results.md states the measured s and the seeds needed
-for each budget so the choice can be revised from this experiment's own
-spread.
+Seeds: the paired interval's half-width is about 2.0 s / sqrt(n) for n
+seeds whose paired differences (arm - scratch) have std s. Resolving 5 Dice
+points at 1 labelled case (half-width <= 0.05) needs
+n >= (2.0 s / 0.05) ** 2. The 2026-11-22 experiment (150 steps, 2 seeds,
+1 labelled case) measured s = 0.016-0.037 (RepRec, MoCo, Genesis vs
+scratch), which n = 3 would already resolve; but those Dice were near 0.08,
+and at the recipe's Dice (0.47 with 1 case) the spread is expected to be
+larger, so the full preset takes n = 8, which resolves 0.05 for any s up to
+0.05 * sqrt(8) / 2 = 0.07. results.md reports each comparison's measured s,
+its interval's half-width and the seeds that s needs, so the choice can be
+revised from the experiment's own spread.
+
+Smoke run (2026-12-03, 2 CPU cores shared with a fine-tuning): --pool_cases=4
+--finetune_cases=5 --test_cases=1 --seeds=1 --num_labeled=1
+--pretrain_steps=4 --pretrain_batch=4 --finetune_steps=4 --val_cases=1
+--methods=reprec took 2 min 15 s after its data (about 25 s) was made.
 
   python launch/experiment.py --output_dir=runs/experiment                 # quick
   python launch/experiment.py --output_dir=runs/experiment_full --preset=full
