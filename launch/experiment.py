@@ -683,6 +683,19 @@ def report_markdown(res):
         for m, p in res["pretraining"].items():
             lines.append(f"| {m} | {p['steps']} x {p['batch']} = {p['steps_x_batch']} | "
                          f"{p.get('wall_s', 0) / 60:.1f} min |")
+    if res["runs"]:
+        lines += ["", "Per fine-tuning (from the score files): segmenter, pre-trained variables "
+                  "loaded, test Dice, the validation step whose weights were kept, wall time "
+                  "of fine-tuning + inference + scoring:", "",
+                  "| run | segmenter | loaded | Dice | kept val step (Dice) | wall min |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["runs"]:
+            best = r.get("best_val") or {}
+            kept = (f"{best['step']} ({_f(best.get('dice'))})" if best.get("step") is not None
+                    else "–")
+            lines.append(f"| {r['arm']}_n{r['budget']}_s{r['seed']} | {r.get('segmenter')} | "
+                         f"{r.get('loaded', 0)} | {_f(r['dice'])} | {kept} | "
+                         f"{_f((r.get('wall_s') or math.nan) / 60, '.1f')} |")
     walls = [r["wall_s"] for r in res["runs"] if r.get("wall_s")]
     if walls:
         lines += ["", f"Fine-tuning + inference + scoring: {len(walls)} runs, "

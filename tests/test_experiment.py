@@ -99,6 +99,7 @@ def test_outputs_are_valid_json_markdown_and_a_plot(tmp_path):
     assert json.loads((docs / "results.json").read_text()) == back
     assert "**This is the quick preset**" in md and "half-widths of 0.100-0.100" in md
     assert "| reprec | 0.700 (3) | +0.200 [+0.100, +0.300] |" in md
+    assert "| reprec_n1_s2 | unet | 0 | 0.900 | 4 (0.900) | 1.0 |" in md  # no run dir needed
     assert "old" not in (docs / "results.md").read_text()
     assert (tmp_path / "results.md").read_text() == md + "\n"
     try:
