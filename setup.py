@@ -49,7 +49,9 @@ setup(
             "pylibjpeg-libjpeg==2.5.*",
             "pyjpegls==1.5.*",
         ],
-        "test": ["pytest==9.2.*"],
+        # launch/experiment.py's plot (without it the experiment writes its tables only)
+        "plots": ["matplotlib==3.11.*"],
+        "test": ["pytest==9.2.*", "matplotlib==3.11.*"],
     },
     classifiers=[
         "Programming Language :: Python :: 3.11",
