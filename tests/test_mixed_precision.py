@@ -15,6 +15,7 @@ from rr_tf.methods.reprec import RepRec
 from rr_tf.training.optim import build_optimizer
 from rr_tf.training.strategy import set_precision
 
+from test_methods_engine import shards  # noqa: F401  (its 2 small phantoms, a fixture)
 from test_reprec import TINY, _batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -105,8 +106,6 @@ def _methods_run(policy, names, shards):
     low = policy.split("_")[1]
     for name in names:
         cls, config, crop = engine._tiny(name)
-        if name == "pcrlv2":
-            config = dataclasses.replace(config, mid_decay_steps=10)
         keras.utils.set_random_seed(0)
         ds, _ = view_dataset(shards, "train", cls.recipe(config, crop),
                              StreamConfig(batch_size=2, crops_per_volume=2, seed=5))
@@ -190,18 +189,6 @@ def _state(model):
             "all": {v.path: v.numpy().copy() for v in model.weights}}
 
 
-@pytest.fixture(scope="module")
-def precision_shards(tmp_path_factory):
-    from rr_tf.data.prepare import PrepareConfig, prepare
-    from rr_tf.data.spec import PreprocessSpec
-
-    out = tmp_path_factory.mktemp("precision") / "shards"
-    prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=2,
-                          phantom_shape=(64, 64, 64), spec=PreprocessSpec(spacing=(4.0, 4.0, 4.0)),
-                          workers=1, progress=False, val_fraction=0.0), log=lambda m: None)
-    return str(out)
-
-
 def _run_precision(policy, names, shards):
     import subprocess
     import sys
@@ -219,7 +206,7 @@ def _run_precision(policy, names, shards):
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_every_method_and_finetuning_train_two_steps_in_mixed_precision(policy, precision_shards):
+def test_every_method_and_finetuning_train_two_steps_in_mixed_precision(policy, shards):
     """Two steps of every method (PCRL and PCRLv2 in the slow test below) and
     of fine-tuning, at tiny size from the real stream: finite losses,
     float32 variables, queue and EMA, low-precision convolutions, loss
@@ -227,13 +214,13 @@ def test_every_method_and_finetuning_train_two_steps_in_mixed_precision(policy, 
     from rr_tf.methods import method_names
 
     names = [n for n in method_names() if n not in _SLOW_PRECISION]
-    _run_precision(policy, names, precision_shards)
+    _run_precision(policy, names, shards)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_pcrl_methods_train_two_steps_in_mixed_precision(policy, precision_shards):
-    _run_precision(policy, _SLOW_PRECISION, precision_shards)
+def test_pcrl_methods_train_two_steps_in_mixed_precision(policy, shards):
+    _run_precision(policy, _SLOW_PRECISION, shards)
 
 
 def test_loss_scaling_is_undone_before_the_update():

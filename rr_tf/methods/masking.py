@@ -10,7 +10,8 @@ keeps its own rows: 1 or N replicas mask every sample the same way.
 
 import tensorflow as tf
 
-from rr_tf.models.momentum import RNG_ALG, gather_from_replicas, replica_row_offset
+from rr_tf.models import rng
+from rr_tf.models.momentum import gather_from_replicas, replica_row_offset
 from rr_tf.models.vit3d import num_visible
 
 
@@ -23,9 +24,7 @@ def global_uniform(local_batch, seed, step, dtype=tf.float32):
     total = tf.shape(gather_from_replicas(tf.zeros([local, 1])))[0]
     start = replica_row_offset(local_batch)
     shape = tf.concat([[total], tf.shape(local_batch)[1:]], 0)
-    draw = tf.random.stateless_uniform(shape, tf.stack([tf.cast(seed, tf.int32),
-                                                        tf.cast(step, tf.int32)]), dtype=dtype,
-                                       alg=RNG_ALG)
+    draw = rng.uniform(shape, [seed, step], dtype=dtype)
     return draw[start:start + local]
 
 
@@ -49,9 +48,7 @@ def global_random_masking(local_batch, num_tokens, mask_ratio, seed, step):
     local = tf.shape(local_batch)[0]
     total = tf.shape(gather_from_replicas(tf.zeros([local, 1])))[0]
     start = replica_row_offset(local_batch)
-    noise = tf.random.stateless_uniform([total, n], tf.stack([tf.cast(seed, tf.int32),
-                                                              tf.cast(step, tf.int32)]),
-                                     alg=RNG_ALG)
+    noise = rng.uniform([total, n], [seed, step])
     noise = noise[start:start + local]
     ids_shuffle = tf.argsort(noise, axis=1, stable=True)
     ids_restore = tf.argsort(ids_shuffle, axis=1, stable=True)

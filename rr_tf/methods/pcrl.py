@@ -71,7 +71,8 @@ from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum
 from rr_tf.methods.masking import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import NORMS, _register
-from rr_tf.models.momentum import RNG_ALG, MomentumEncoder, Queue
+from rr_tf.models import rng
+from rr_tf.models.momentum import MomentumEncoder, Queue
 from rr_tf.models.parts import UNetFeatures
 from rr_tf.models.unet3d import UNet3D
 
@@ -160,9 +161,11 @@ def cross_mix(student, teacher, alpha):
 
 def folded_beta(seed, n, a):
     """``n`` draws of ``max(x, 1 - x)``, ``x ~ Beta(a, a)``, stateless under
-    ``seed``. Beta(1, 1) is Uniform(0, 1); otherwise a ratio of gammas."""
+    ``seed``. Beta(1, 1) (the default) is Uniform(0, 1), drawn portably
+    (:mod:`rr_tf.models.rng`: the same under XLA); otherwise a ratio of
+    TensorFlow's stateless gammas, which XLA draws differently."""
     if float(a) == 1.0:
-        x = tf.random.stateless_uniform([n], seed, alg=RNG_ALG)
+        x = rng.uniform([n], seed)  # portable: the same under XLA
     else:
         g = tf.random.stateless_gamma([2, n], seed, alpha=float(a))
         x = g[0] / (g[0] + g[1])
@@ -258,8 +261,7 @@ class PCRL(PretrainMethod):
         step = optimizer_step(self) if step is None else tf.cast(step, tf.int32)
         seed = tf.stack([tf.constant(self.seed, tf.int32), step])
         alpha, alpha2, lam = tf.unstack(folded_beta(seed, 3, self.config.mixup_alpha))
-        noise = tf.random.stateless_uniform([batch_size], tf.random.experimental.stateless_fold_in(
-            seed, 1, alg=RNG_ALG), alg=RNG_ALG)
+        noise = rng.uniform([batch_size], rng.fold_in(seed, 1))
         return alpha, alpha2, lam, tf.argsort(noise, stable=True)
 
     def condition(self, pyramid, vector):

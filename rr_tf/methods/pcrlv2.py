@@ -51,7 +51,7 @@ from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.methods.masking import optimizer_step
-from rr_tf.models.momentum import RNG_ALG
+from rr_tf.models import rng
 from rr_tf.models.heads import PredictorHead, ReconstructionHead, global_pool
 from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register
 from rr_tf.models.parts import CNNPyramid
@@ -92,8 +92,7 @@ def stage_choices(seed, step, count, num_stages):
     statelessly from ``(seed, step)``: the same on every replica and on
     every re-run (index 0 = the global pair, then two per local view)."""
     key = tf.stack([tf.cast(seed, tf.int32), tf.cast(step, tf.int32)])
-    return tf.random.stateless_uniform([count], key, minval=0, maxval=num_stages, dtype=tf.int32,
-                                       alg=RNG_ALG)
+    return rng.uniform_int([count], key, 0, num_stages)
 
 
 def mid_stage_weight(step, total_steps):

@@ -38,12 +38,6 @@ import numpy as np
 import keras
 from keras import ops
 
-# The algorithm of every stateless draw inside a train step. TensorFlow's
-# default ("auto_select") is Philox in a plain graph but another algorithm
-# under XLA, so the same seed gave other key shuffles, masks and mixup
-# weights with jit_compile on (the default on one GPU or a TPU); pinned, a
-# step is the same compiled or not (tested).
-RNG_ALG = "philox"
 
 try:  # TensorFlow is only needed for tf.distribute
     import tensorflow as tf
@@ -331,7 +325,9 @@ def shuffled_group_apply(fn, x, groups, seed):
     else:
         tf.debugging.assert_equal(total % groups, 0, message="key BatchNorm groups must "
                                   "divide the global batch")
-    perm = tf.argsort(tf.random.stateless_uniform([total], seed, alg=RNG_ALG), stable=True)
+    from rr_tf.models import rng  # portable draws: the same compiled by XLA or not
+
+    perm = tf.argsort(rng.uniform([total], seed), stable=True)
     inverse = tf.argsort(perm, stable=True)
     share = total // replicas
     ctx = _replica_context()

@@ -41,6 +41,7 @@ import tensorflow as tf
 from keras import ops
 
 from rr_tf.methods.masking import optimizer_step
+from rr_tf.models import rng
 from rr_tf.models.momentum import MomentumEncoder, copy_weights
 from rr_tf.training import optim
 from rr_tf.training.segmentation import SegmentationTask, foreground_dice
@@ -65,7 +66,7 @@ def perturb(x, seed, std):
     drawn statelessly from ``seed`` (int32 ``[2]``); ``std = 0``: ``x``."""
     if std <= 0:
         return x
-    noise = tf.random.stateless_normal(tf.shape(x), seed, stddev=std, dtype=tf.float32)
+    noise = rng.normal(tf.shape(x), seed, stddev=std)
     noise = tf.clip_by_value(noise, -NOISE_CLIP * std, NOISE_CLIP * std)
     return x + tf.cast(noise, x.dtype)
 
@@ -124,9 +125,8 @@ class MeanTeacherTask(SegmentationTask):
         ctx = tf.distribute.get_replica_context()
         replica = 0 if ctx is None else ctx.replica_id_in_sync_group
         key = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(step, tf.int32)])
-        key = tf.random.experimental.stateless_fold_in(key, replica)
-        seeds = tf.random.experimental.stateless_split(key, 2)
-        return seeds[0], seeds[1]
+        key = rng.fold_in(key, replica)
+        return rng.fold_in(key, 0), rng.fold_in(key, 1)
 
     def consistency(self, unlabelled, step):
         """The consistency loss of a batch of unlabelled patches at ``step``
