@@ -40,8 +40,9 @@ per seed, their mean and a 95 % percentile bootstrap interval of that mean
 Presets (--preset sets defaults; any flag given explicitly wins):
   quick  RepRec vs scratch, budgets 1 and 4, 3 seeds (12 fine-tunings), pool
          of 24, 4 test phantoms, 300 pre-training steps of batch 4, 300
-         fine-tuning steps, CNN width 4 (the demo flagfiles'). Sized for at
-         most 60 min on 2 CPU cores: ESTIMATED 40-50 min, not a timed run
+         fine-tuning steps, CNN width 4 (the demo flagfiles'). Measured
+         2026-12-03: 28 min on 2 CPU cores alone (data 1, pre-training 4.4,
+         12 fine-tunings 23 min). Earlier estimate, before it was run
          (pre-training 300 x 4 took about 8 min uncontended on 2026-11-22;
          a fine-tuning's fixed cost, i.e. start, 1 validation, export,
          inference on 1 test phantom and scoring, measured 0.8 min in the
