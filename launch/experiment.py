@@ -99,6 +99,7 @@ section of docs/results.md and docs/dice_vs_labels.png.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -790,8 +791,9 @@ def write_outputs(out, res, docs=None):
     _write_atomic(os.path.join(out, "results.md"), md + "\n")
     if docs:
         _write_atomic(os.path.join(docs, "results.json"), _dump(res))
-        if plotted:
-            plot_results(res, os.path.join(docs, "dice_vs_labels.png"))
+        if plotted:  # the same figure: copied, not drawn again
+            shutil.copyfile(os.path.join(out, "dice_vs_labels.png"),
+                            os.path.join(docs, "dice_vs_labels.png"))
         write_results_section(os.path.join(docs, "results.md"), md)
     return md, plotted
 
