@@ -11,6 +11,7 @@ import sys
 import pytest
 
 experiment = pytest.importorskip("launch.experiment")
+report = pytest.importorskip("launch.experiment_report")
 from rr_tf import stats  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,8 +204,8 @@ def test_results_section_is_replaced_not_appended(tmp_path):
     with open(path, "w") as f:
         f.write("# Results\n\nprose before\n\n<!-- experiment:begin -->\nold\n"
                 "<!-- experiment:end -->\n\nprose after\n")
-    experiment.write_results_section(path, "new table")
-    experiment.write_results_section(path, "newer table")
+    report.write_results_section(path, "new table")
+    report.write_results_section(path, "newer table")
     text = open(path).read()
     assert text.count("experiment:begin") == 1 and "newer table" in text
     assert "old" not in text and "new table" not in text
