@@ -33,16 +33,24 @@ encoder being built (then overwritten) first in both; arms with another
 segmenter (RepRec's hybrid, MAE's UNETR) share the cases and the stream but
 not the draws of their new layers. (The same-draws claim follows from the
 shared global seed and build order; it is not checked layer by layer.)
+Architecture-matched controls (--controls, on by default): a method whose
+segmenter is not the scratch U-Net (RepRec's hybrid, MAE's UNETR) also gets
+the arm '<method>-random': the same segmenter, built from the method's
+pre-training run with --load_weights=false, i.e. random weights. Its gain
+over scratch is the architecture's; the method's gain over its control is
+the pre-trained weights' (reported as vs_control). U-Net methods need none:
+the scratch arm is their architecture.
 The statistics (rr_tf/stats.py) are the paired differences arm - scratch
 per seed, their mean and a 95 % percentile bootstrap interval of that mean
 (10,000 resamples, seeded), overall and per organ.
 
 Presets (--preset sets defaults; any flag given explicitly wins):
-  quick  RepRec vs scratch, budgets 1 and 4, 3 seeds (12 fine-tunings), pool
+  quick  RepRec vs scratch (and RepRec's control), budgets 1 and 4, 3 seeds
+         (18 fine-tunings; 12 before the control arm existed), pool
          of 24, 4 test phantoms, 300 pre-training steps of batch 4, 300
          fine-tuning steps, CNN width 4 (the demo flagfiles'). Measured
-         2026-12-03: 28 min on 2 CPU cores alone (data 1, pre-training 4.4,
-         12 fine-tunings 23 min). Earlier estimate, before it was run
+         2026-12-03, without the control arm: 28 min on 2 CPU cores
+         alone (data 1, pre-training 4.4, 12 fine-tunings 23 min). Earlier estimate, before it was run
          (pre-training 300 x 4 took about 8 min uncontended on 2026-11-22;
          a fine-tuning's fixed cost, i.e. start, 1 validation, export,
          inference on 1 test phantom and scoring, measured 0.8 min in the
@@ -176,6 +184,10 @@ flags.DEFINE_string("recipe", "configs/demo_finetune.flags", "Flagfile every fin
 flags.DEFINE_string("hw", None, "Hardware flagfile for the launchers; default: the preset's.")
 flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples of the paired intervals.",
                      lower_bound=100)
+flags.DEFINE_boolean("controls", True, "Also fine-tune, for each method whose segmenter is not "
+                     "the scratch U-Net (RepRec's hybrid, MAE's UNETR), that segmenter from random "
+                     "weights (arm '<method>-random', launch/finetune.py --load_weights=false), so a "
+                     "gain over scratch splits into architecture and pre-training.")
 flags.DEFINE_boolean("write_docs", False, "Also write docs/results.json, the marked section of "
                      "docs/results.md and docs/dice_vs_labels.png.")
 flags.mark_flag_as_required("output_dir")
@@ -219,7 +231,7 @@ def settings():
     s["val_cases"] = s["val_cases"] or int(flagfile_value(recipe, "val_cases") or 0)
     s["width"] = s["width"] or demo_width()
     for name in ("finetune_cases", "pool_seed", "labelled_seed", "test_seed", "crop_size",
-                 "test_overlap", "resamples"):
+                 "test_overlap", "resamples", "controls"):
         s[name] = FLAGS[name].value
     return s
 
@@ -414,7 +426,9 @@ def finetune_and_score(out, s, arm, budget, seed, labelled, test):
         if arm == "scratch":
             cmd += [f"--base_width={s['width']}", "--levels=4"]
         else:
-            cmd.append(f"--pretrained={os.path.join(out, 'pretrain', arm)}")
+            cmd.append(f"--pretrained={os.path.join(out, 'pretrain', method_of(arm))}")
+            if arm.endswith(CONTROL):
+                cmd.append("--load_weights=false")
         run(out, cmd)
     pred = os.path.join(run_dir, "test_predictions")
     metrics_dir = os.path.join(run_dir, "test_metrics")
@@ -457,11 +471,38 @@ def load_scores(out):
             if f.endswith(".json") and not f.startswith("pretrain_")]
 
 
+CONTROL = "-random"
+
+
+def controls(s):
+    """{method: its architecture-matched random-initialisation arm} for the
+    methods whose segmenter is not the scratch arm's U-Net (none unless
+    ``s["controls"]``)."""
+    from rr_tf.models.segmenter_base import segmenter_kind_for_method
+
+    if not s.get("controls"):
+        return {}
+    return {m: m + CONTROL for m in s["methods"] if segmenter_kind_for_method(m) != "unet"}
+
+
+def arms_of(s):
+    """scratch, the methods, then their controls."""
+    return ["scratch"] + list(s["methods"]) + list(controls(s).values())
+
+
+def method_of(arm):
+    """The pre-training an arm fine-tunes from (None for scratch)."""
+    if arm == "scratch":
+        return None
+    return arm[:-len(CONTROL)] if arm.endswith(CONTROL) else arm
+
+
 def run_experiment(out, s):
     """Runs what is missing, arm by arm; returns the score records of this
     experiment's grid. A fine-tuning whose score JSON exists is skipped, and
-    so is any data preparation or pre-training only it would need."""
-    arms = ["scratch"] + list(s["methods"])
+    so is any data preparation or pre-training only it would need (a
+    control arm needs its method's pre-training run for the architecture)."""
+    arms = arms_of(s)
     grid = [(a, b, seed) for a in arms for b in s["num_labeled"] for seed in range(s["seeds"])]
     todo = [g for g in grid if not os.path.exists(score_path(out, *g))]
     for g in grid:
@@ -477,7 +518,7 @@ def run_experiment(out, s):
     if todo:
         pool, labelled, test = prepare_data(out, s)
         for method in s["methods"]:
-            if any(a == method for a, _, _ in todo):
+            if any(method_of(a) == method for a, _, _ in todo):
                 pretrain(out, s, method, pool)
         for arm, budget, seed in todo:
             rec = finetune_and_score(out, s, arm, budget, seed, labelled, test)
@@ -489,13 +530,34 @@ def run_experiment(out, s):
 
 # --------------------------------------------------------------------------- statistics
 
-def summarise(scores, arms, budgets, resamples=10_000, seed=0):
+def _paired(recs, base, resamples, seed):
+    """Paired difference recs - base (both {seed: score record}) overall
+    and per organ."""
+    from rr_tf import stats
+
+    p = stats.paired_difference({sd: r["dice"] for sd, r in recs.items()},
+                                {sd: r["dice"] for sd, r in base.items()}, resamples, seed)
+    out = dict(paired_seeds=p["seeds"], diffs=p["diffs"], diff_mean=p["diff_mean"],
+               diff_std=p["diff_std"], diff_ci95=p["diff_ci95"], organs={})
+    for o in sorted({o for r in recs.values() for o in r.get("organs", {})}):
+        q = stats.paired_difference({sd: r.get("organs", {}).get(o) for sd, r in recs.items()},
+                                    {sd: r.get("organs", {}).get(o) for sd, r in base.items()},
+                                    resamples, seed)
+        out["organs"][o] = {"diff_mean": q["diff_mean"], "diff_ci95": q["diff_ci95"]}
+    return out
+
+
+def summarise(scores, arms, budgets, resamples=10_000, seed=0, control_of=None):
     """Per budget and arm: per-seed Dice, mean (with a bootstrap interval),
     and for every arm but scratch the paired difference arm - scratch per
     seed with its mean and 95 % bootstrap interval; the same per organ.
+    For a method with a control arm (``control_of``: {method: arm}) also
+    ``vs_control``: the paired difference method - control (the gain of the
+    pre-trained weights in the same architecture).
     ``{str(budget): {arm: {...}}}`` (budgets and arms without scores left out)."""
     from rr_tf import stats
 
+    control_of = control_of or {}
     out = {}
     for b in budgets:
         by_arm = {a: {r["seed"]: r for r in scores if r["arm"] == a and r["budget"] == b}
@@ -511,23 +573,17 @@ def summarise(scores, arms, budgets, resamples=10_000, seed=0):
             d = stats.describe([dice[sd] for sd in seeds], resamples, seed)
             entry = {"seeds": seeds, "dice": [dice[sd] for sd in seeds], "mean": d["mean"],
                      "std": d["std"], "mean_ci95": d["ci95"], "organs": {}}
-            if a != "scratch":
-                p = stats.paired_difference(dice, {sd: r["dice"] for sd, r in base.items()},
-                                            resamples, seed)
-                entry.update(paired_seeds=p["seeds"], diffs=p["diffs"], diff_mean=p["diff_mean"],
-                             diff_std=p["diff_std"], diff_ci95=p["diff_ci95"])
-            organs = sorted({o for r in recs.values() for o in r.get("organs", {})})
-            for o in organs:
-                od = {sd: recs[sd].get("organs", {}).get(o) for sd in seeds}
-                vals = [v for v in od.values() if v is not None]
-                oe = {"dice": [od[sd] for sd in seeds],
-                      "mean": float(sum(vals) / len(vals)) if vals else math.nan}
-                if a != "scratch":
-                    p = stats.paired_difference(
-                        od, {sd: r.get("organs", {}).get(o) for sd, r in base.items()},
-                        resamples, seed)
-                    oe.update(diff_mean=p["diff_mean"], diff_ci95=p["diff_ci95"])
-                entry["organs"][o] = oe
+            vs = _paired(recs, base, resamples, seed) if a != "scratch" else {"organs": {}}
+            entry.update({k: v for k, v in vs.items() if k != "organs"})
+            for o in sorted({o for r in recs.values() for o in r.get("organs", {})}):
+                od = [recs[sd].get("organs", {}).get(o) for sd in seeds]
+                vals = [v for v in od if v is not None]
+                entry["organs"][o] = dict(
+                    {"dice": od, "mean": float(sum(vals) / len(vals)) if vals else math.nan},
+                    **vs["organs"].get(o, {}))
+            if by_arm.get(control_of.get(a)):
+                entry["vs_control"] = dict(_paired(recs, by_arm[control_of[a]], resamples, seed),
+                                           arm=control_of[a])
             row[a] = entry
         if row:
             out[str(b)] = row
@@ -558,10 +614,12 @@ def power_notes(table, target=0.05):
 
 def build_results(s, scores, pretraining, data, timings=None):
     """The results.json document."""
-    arms = ["scratch"] + list(s["methods"])
-    table = summarise(scores, arms, s["num_labeled"], s["resamples"])
+    arms = arms_of(s)
+    table = summarise(scores, arms, s["num_labeled"], s["resamples"], control_of=controls(s))
     return {
         "preset": s["preset"],
+        "arms": arms,
+        "controls": controls(s),
         "settings": {k: v for k, v in s.items()},
         "data": data,
         "pretraining": pretraining,

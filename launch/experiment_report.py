@@ -52,7 +52,7 @@ def report_markdown(res):
     """results.md (also the marked section of docs/results.md)."""
     s, table = res["settings"], res["results"]
     budgets = [b for b in map(str, s["num_labeled"]) if b in table]
-    arms = ["scratch"] + list(s["methods"])
+    arms = res.get("arms") or ["scratch"] + list(s["methods"])
     lines = []
     if res["preset"] == "quick":
         widths = [n["ci_half_width"] for row in res["power"].values() for n in row.values()
@@ -91,6 +91,23 @@ def report_markdown(res):
             cells.append("reference" if a == "scratch" else
                          f"{_f(e.get('diff_mean'), '+.3f')} {_ci(e.get('diff_ci95'))}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    controlled = [a for a in arms if any("vs_control" in table[b].get(a, {}) for b in budgets)]
+    if controlled:
+        lines += ["", "The pre-trained weights against the same segmenter from random weights "
+                  "(arm `<method>-random`, `launch/finetune.py --load_weights=false`; same seeds, "
+                  "cases and data order): Δ = method − its control per seed. The difference to "
+                  "scratch above mixes this with the architecture's own effect.", "",
+                  "| method | " + " | ".join(f"{b} labelled: Δ vs own architecture [95 % CI]"
+                                            for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for a in controlled:
+            cells = []
+            for b in budgets:
+                v = table[b].get(a, {}).get("vs_control")
+                cells.append("–" if v is None else
+                             f"{_f(v.get('diff_mean'), '+.3f')} {_ci(v.get('diff_ci95'))} "
+                             f"(n={len(v.get('diffs') or [])})")
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     organs = [o for o in ORGANS if any(o in e["organs"] for row in table.values()
                                        for e in row.values())]
     if organs and len(arms) > 1:
@@ -157,7 +174,7 @@ def plot_results(res, path):
         return False
     table, s = res["results"], res["settings"]
     budgets = [b for b in s["num_labeled"] if str(b) in table]
-    arms = ["scratch"] + list(s["methods"])
+    arms = res.get("arms") or ["scratch"] + list(s["methods"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     offsets = {a: (i - (len(arms) - 1) / 2) * 0.04 for i, a in enumerate(arms)}
 

@@ -35,6 +35,9 @@ flags.DEFINE_string("pretrained", None, "Pre-training run directory, export dire
 flags.DEFINE_list("parts", None, "Load only these parts of --pretrained (unet, hybrid, vit, unet2d).")
 flags.DEFINE_boolean("allow_spec_mismatch", False, "Load --pretrained even if it was pre-trained "
                      "on data with another preprocessing spec.")
+flags.DEFINE_boolean("load_weights", True, "With --pretrained: false builds its segmenter "
+                     "architecture with random weights and loads nothing (the architecture-"
+                     "matched from-scratch control of a pre-trained arm).")
 flags.DEFINE_enum("segmenter", "auto", ["auto", "unet", "hybrid", "unetr", "slice2d"],
                   "Segmenter kind (auto = what --pretrained transfers into; U-Net from scratch).")
 flags.DEFINE_integer("base_width", None, "From scratch: U-Net base width (default 32).", lower_bound=1)
@@ -156,7 +159,8 @@ def main(argv):
         config = FinetuneConfig(
             data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir, pretrained=FLAGS.pretrained,
             parts=tuple(FLAGS.parts) if FLAGS.parts else None,
-            allow_spec_mismatch=FLAGS.allow_spec_mismatch, segmenter=FLAGS.segmenter,
+            allow_spec_mismatch=FLAGS.allow_spec_mismatch, load_weights=FLAGS.load_weights,
+            segmenter=FLAGS.segmenter,
             segmenter_args=args, num_labeled=FLAGS.num_labeled, fg_fraction=FLAGS.fg_fraction,
             patch_sampling=FLAGS.patch_sampling, flip_axes=_flip_axes(FLAGS.flip_axes),
             intensity_augment=FLAGS.intensity_augment, tissue_shift_hu=FLAGS.tissue_shift_hu,

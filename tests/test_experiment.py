@@ -211,3 +211,59 @@ def test_results_section_is_replaced_not_appended(tmp_path):
     assert "old" not in text and "new table" not in text
     assert text.startswith("# Results\n\nprose before") and text.endswith("prose after\n")
     assert not os.path.exists(path + ".tmp")
+
+
+def test_control_arm_fine_tunes_the_method_architecture_without_its_weights(tmp_path, monkeypatch):
+    """RepRec's segmenter is the hybrid, not the scratch U-Net: with
+    controls on, the arm 'reprec-random' fine-tunes --pretrained=<reprec
+    run> --load_weights=false, needs (only) RepRec's pre-training, and the
+    results carry reprec - reprec-random as vs_control."""
+    s = _settings(num_labeled=[1], seeds=3, controls=True, methods=["reprec", "moco"])
+    assert experiment.arms_of(s) == ["scratch", "reprec", "moco", "reprec-random"]
+    assert experiment.controls(s) == {"reprec": "reprec-random"}  # moco fine-tunes a U-Net
+    assert experiment.method_of("reprec-random") == "reprec" and \
+        experiment.method_of("scratch") is None
+    for seed, (a, b, c) in enumerate([(0.4, 0.5, 0.45), (0.5, 0.7, 0.5), (0.6, 0.9, 0.6)]):
+        _score(tmp_path, "scratch", 1, seed, a)
+        _score(tmp_path, "reprec", 1, seed, b)
+        _score(tmp_path, "moco", 1, seed, a)
+    calls, pretrained = [], []
+
+    def fake_run(out, cmd):
+        calls.append(cmd)
+        run_dir = next((a.split("=", 1)[1] for a in cmd
+                        if a.startswith(("--run_dir=", "--model="))), None)
+        if cmd[1] == "launch/finetune.py":
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "run.json"), "w") as f:
+                json.dump({"kind": "hybrid", "finished": True}, f)
+        if cmd[1] == "launch/infer.py":
+            seed = int(run_dir.rsplit("_s", 1)[1])
+            os.makedirs(os.path.join(run_dir, "test_metrics"))
+            with open(os.path.join(run_dir, "test_metrics", "metrics.json"), "w") as f:
+                json.dump({"summary": {"classes": {"liver": {"dice_mean": 0.9}},
+                                       "overall": {"dice_class_mean": [0.45, 0.5, 0.6][seed]}}},
+                          f)
+        return 1.0
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr(experiment, "prepare_data", lambda out, s: ("POOL", "LAB", "TEST"))
+    monkeypatch.setattr(experiment, "pretrain", lambda out, s, m, pool: pretrained.append(m))
+    scores = experiment.run_experiment(str(tmp_path), s)
+    assert pretrained == ["reprec"]  # the control's architecture comes from RepRec's run
+    fts = [c for c in calls if c[1] == "launch/finetune.py"]
+    assert len(fts) == 3 and all("--load_weights=false" in c for c in fts)
+    assert all(f"--pretrained={tmp_path / 'pretrain' / 'reprec'}" in c for c in fts)
+    assert all(not any(a.startswith("--base_width") for a in c) for c in fts)
+    assert len(scores) == 12
+    res = experiment.build_results(s, scores, {}, experiment.data_record(
+        s, experiment.planned_seeds(s)))
+    row = res["results"]["1"]
+    assert row["reprec-random"]["diffs"] == pytest.approx([0.05, 0.0, 0.0])  # vs scratch
+    vs = row["reprec"]["vs_control"]
+    assert vs["arm"] == "reprec-random" and vs["diffs"] == pytest.approx([0.05, 0.2, 0.3])
+    assert vs["diff_mean"] == pytest.approx(0.55 / 3)
+    assert "vs_control" not in row["moco"] and "vs_control" not in row["reprec-random"]
+    assert res["arms"] == ["scratch", "reprec", "moco", "reprec-random"]
+    md = report.report_markdown(res)
+    assert "| reprec | +0.183 [" in md and "Δ vs own architecture" in md

@@ -504,3 +504,62 @@ def test_finetuning_step_compiles_under_xla_and_matches_the_plain_graph(shards):
     assert np.linalg.norm(moved) > 0
     assert np.linalg.norm(moved - moved_xla) <= 0.1 * np.linalg.norm(moved), \
         np.linalg.norm(moved - moved_xla) / np.linalg.norm(moved)
+
+
+def _saved_hybrid(path):
+    from rr_tf.models.hybrid import HybridEncoder
+
+    keras.utils.set_random_seed(11)
+    enc = HybridEncoder(base_width=2, levels=2, dim=8, depth=1, heads=2, decoder_dim=8,
+                        decoder_depth=1, decoder_heads=2, name="hybrid")
+    enc(np.zeros((1, 16, 16, 16, 1), "float32"))
+    enc.save(path)
+    return {v.path: v.numpy() for v in enc.weights}
+
+
+def test_load_weights_false_builds_the_pretrained_architecture_with_random_weights(shards,
+                                                                                   tmp_path):
+    """The architecture-matched control of a pre-trained arm: --pretrained
+    with load_weights=False builds the same hybrid segmenter (same variable
+    shapes) but loads nothing; with load_weights=True the encoder's
+    variables are the saved ones."""
+    import dataclasses
+
+    saved = _saved_hybrid(str(tmp_path / "hybrid_encoder.keras"))
+    cfg = FinetuneConfig(data_dir=shards, run_dir=str(tmp_path / "control"),
+                         pretrained=str(tmp_path / "hybrid_encoder.keras"), load_weights=False,
+                         num_labeled="2", train_steps=1, batch_size=2, crop_size=(16, 16, 16),
+                         checkpoint_every=1, val_every=1, verbose=0, seed=1, learning_rate=0.0, export=True)
+    run_finetuning(cfg, log=lambda m: None)
+    run_finetuning(dataclasses.replace(cfg, run_dir=str(tmp_path / "loaded"), load_weights=True),
+                   log=lambda m: None)
+    state = json.load(open(tmp_path / "control" / "run.json"))
+    assert state["kind"] == "hybrid" and state["load_weights"] is False
+    assert not (tmp_path / "control" / "transfer.json").exists()
+    assert (tmp_path / "loaded" / "transfer.json").exists()
+
+    def cnn_kernels(run):
+        from rr_tf.predict import SegmentationModel
+
+        model = SegmentationModel.load(str(run)).model
+        return {v.path: v.numpy() for v in model.weights
+                if "cnn/" in v.path and v.path.endswith("kernel")}
+
+    control, loaded = cnn_kernels(tmp_path / "control"), cnn_kernels(tmp_path / "loaded")
+    assert control.keys() == loaded.keys() and control
+    assert all(control[k].shape == loaded[k].shape for k in control)
+    saved_cnn = {k: v for k, v in saved.items() if "cnn/" in k and k.endswith("kernel")}
+    assert any(not np.array_equal(control[k], loaded[k]) for k in control)
+    # at learning rate 0 the loaded run keeps the saved kernels exactly
+    matched = [k for k in loaded if any(np.array_equal(loaded[k], v) for v in saved_cnn.values())]
+    assert len(matched) == len(loaded), (sorted(loaded), sorted(saved_cnn))
+    assert not any(any(np.array_equal(control[k], v) for v in saved_cnn.values())
+                   for k in control)
+
+
+def test_load_weights_false_needs_pretrained(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"^load_weights: "):
+        run_finetuning(FinetuneConfig(data_dir=shards, run_dir=str(tmp_path / "ft"),
+                                      load_weights=False, train_steps=1, verbose=0),
+                       log=lambda m: None)
+    assert not (tmp_path / "ft").exists()

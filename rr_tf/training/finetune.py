@@ -133,6 +133,14 @@ def build_model(kind, num_classes, args):
         raise ConfigError("segmenter", f"{kind}: {err}") from None
 
 
+def _start_point(config):
+    if not config.pretrained:
+        return "from scratch"
+    if not config.load_weights:
+        return f"from scratch in the architecture of {config.pretrained} (--load_weights=false)"
+    return f"from {config.pretrained}"
+
+
 def source_method(path):
     """The pre-training method name of a run directory (None for exports)."""
     state = os.path.join(path, "run.json")
@@ -258,7 +266,8 @@ def run_finetuning(config, log=None):
 
     run.write_state(kind=kind, segmenter_args=args, num_classes=num_classes,
                     crop_size=list(config.crop_size), seed=config.seed,
-                    pretrained=config.pretrained, labelled_cases=labelled, mode=mode)
+                    pretrained=config.pretrained, load_weights=config.load_weights,
+                    labelled_cases=labelled, mode=mode)
     run.write_json("labelled_cases.json", labelled)
     if config.mean_teacher:
         run.write_state(unlabelled_cases=unlabelled, consistency_weight=config.consistency_weight,
@@ -272,7 +281,7 @@ def run_finetuning(config, log=None):
         f"{run.chief.path}{run.role_note()}; {kind} segmenter, {num_classes} classes, "
         f"{len(labelled)} labelled case(s) "
         f"{labelled if len(labelled) <= 8 else ''}; "
-        f"{'from ' + config.pretrained if config.pretrained else 'from scratch'}")
+        f"{_start_point(config)}")
     stream = StreamConfig(batch_size=config.batch_size, crops_per_volume=config.crops_per_volume,
                           seed=config.seed + _DATA_RESEED * step0, case_ids=tuple(labelled),
                           **config.stream_checks())
@@ -317,7 +326,7 @@ def run_finetuning(config, log=None):
             config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
             config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
         task.build_for(preview)
-        if config.pretrained and step0 == 0:
+        if config.pretrained and config.load_weights and step0 == 0:
             report = load_pretrained(segmenter, config.pretrained, config.parts, spec,
                                      config.allow_spec_mismatch, src_parts, src_spec)
             report.save(os.path.join(run.path, "transfer.json"))
@@ -337,7 +346,8 @@ def run_finetuning(config, log=None):
     else:
         log("no labelled validation case: no validation, the last weights are exported")
     hparams = dict(kind=kind, num_classes=num_classes, num_labeled=len(labelled),
-                   pretrained=str(config.pretrained), learning_rate=config.learning_rate,
+                   pretrained=str(config.pretrained), load_weights=config.load_weights,
+                   learning_rate=config.learning_rate,
                    batch_size=config.batch_size, crop_size=str(config.crop_size),
                    freeze_encoder_steps=config.freeze_encoder_steps, spec_hash=spec.hash,
                    mode=mode)

@@ -30,6 +30,7 @@ class FinetuneConfig(RunSettings):
     pretrained: str | None = None        # run dir, export dir or .keras file; None = from scratch
     parts: tuple | None = None           # restrict the parts loaded (default: all that match)
     allow_spec_mismatch: bool = False
+    load_weights: bool = True            # False: --pretrained's architecture, random weights (control)
     segmenter: str = "auto"              # auto = what the pre-training transfers into (else unet)
     segmenter_args: dict = dataclasses.field(default_factory=dict)  # from scratch / overrides
     num_labeled: str = "all"             # N cases, a fraction in (0, 1), or "all"
@@ -74,6 +75,9 @@ class FinetuneConfig(RunSettings):
             raise ConfigError("segmenter", f"must be one of {SEGMENTER_CHOICES}, got {self.segmenter!r}")
         if self.pretrained and not os.path.exists(self.pretrained):
             raise ConfigError("pretrained", f"{self.pretrained} does not exist")
+        if not self.load_weights and not self.pretrained:
+            raise ConfigError("load_weights", "false needs --pretrained (whose architecture is "
+                              "built with random weights)")
         self.validate_run()
         if self.freeze_encoder_steps >= self.train_steps and self.freeze_encoder_steps:
             raise ConfigError("freeze_encoder_steps", "must be smaller than train_steps")
