@@ -253,7 +253,7 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
     import tensorflow as tf
     from rr_tf.data.pipeline import StreamConfig, view_dataset
     from rr_tf.methods import get_method
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
 
     cls = get_method(method_name)
     cfg = dataclasses.replace(cls.Config(), **overrides)
@@ -346,7 +346,7 @@ def _finetune_child(net, crop, batch, steps, data_dir, queue):
     from rr_tf.data import recipes
     from rr_tf.data.pipeline import StreamConfig, view_dataset
     from rr_tf.training import finetune as ft
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
     from rr_tf.training.segmentation import SegmentationTask
 
     keras.utils.set_random_seed(0)

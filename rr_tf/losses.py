@@ -112,7 +112,7 @@ def nt_xent_global(z1_local, z2_local, z1_all, z2_all, replica_offset=0,
 
     How a caller uses it under ``tf.distribute`` (inside ``strategy.run``)::
 
-        from rr_tf.models.momentum import gather_from_replicas, replica_row_offset
+        from rr_tf.distribute import gather_from_replicas, replica_row_offset
         z1_all = gather_from_replicas(z1)        # differentiable all_gather
         z2_all = gather_from_replicas(z2)
         offset = replica_row_offset(z1)          # rows before this replica

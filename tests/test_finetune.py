@@ -425,7 +425,7 @@ def test_finetune_under_a_read_time_normalisation_exports_and_refuses_it(shards,
 
 
 def test_nnunet_sgd_is_nesterov_099_with_polynomial_decay():
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
 
     opt = build_optimizer("nnunet_sgd", 1e-2, 100, weight_decay=3e-5)
     assert isinstance(opt, keras.optimizers.SGD) and opt.nesterov and opt.momentum == 0.99
@@ -469,7 +469,7 @@ def _finetune_two_steps(shards, jit):
     from rr_tf.data.pipeline import StreamConfig, view_dataset
     from rr_tf.training.finetune import build_model
     from rr_tf.training.loop import device_batches
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
     from rr_tf.training.segmentation import SegmentationTask
 
     keras.utils.set_random_seed(0)

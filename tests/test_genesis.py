@@ -12,7 +12,7 @@ from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.genesis import Config, ModelsGenesis
 from rr_tf.models.parts import UNetFeatures
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 from rr_tf.transfer import transfer
 

@@ -17,7 +17,7 @@ from rr_tf.methods import get_method
 from rr_tf.methods.mae import MAE, Config, masked_crop
 from rr_tf.methods.masking import global_random_masking
 from rr_tf.models.vit3d import unpatchify
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 from subproc import run_logged
 

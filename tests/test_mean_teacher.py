@@ -227,14 +227,14 @@ def test_mean_teacher_finetuning_resumes_with_its_teacher(shards, tmp_path):
     assert len(labelled) == 1 and unlabelled and not set(labelled) & set(unlabelled)
 
     # the checkpoint holds the teacher: it comes back different from the student
-    from rr_tf.training import loop
+    from rr_tf import checkpoints
 
     classes = num_classes_of(read_manifest(shards))
     segmenter = build_model("unet", classes, {"base_width": 2, "levels": 3})
     task = MeanTeacherTask(segmenter, classes)
     task.compile(optimizer=keras.optimizers.AdamW(1e-3))
     task.build_for({"image": np.zeros((1, 16, 16, 16, 1), np.float32)})
-    assert loop.restore_weights(task, str(run / "checkpoints")).endswith("-2")
+    assert checkpoints.restore_weights(task, str(run / "checkpoints")).endswith("-2")
     diffs = [np.abs(t.numpy() - s.numpy()).max()
              for t, s in zip(task.teacher.target.weights, segmenter.weights)]
     assert max(diffs) > 0  # EMA lag (a teacher re-made from the student would equal it)

@@ -59,7 +59,7 @@ def test_method_trains_resumes_and_exports(name, shards, tmp_path):
     import keras
 
     import rr_tf.models  # noqa: F401
-    from rr_tf.transfer import source_parts
+    from rr_tf.runs import source_parts
 
     cls, config, crop = _tiny(name)
     run = PretrainConfig(method=name, data_dir=shards, run_dir=str(tmp_path / "run"),
@@ -151,7 +151,7 @@ def _two_steps(cls, config, crop, shards, jit):
 
     from rr_tf.data.pipeline import StreamConfig, view_dataset
     from rr_tf.training.loop import device_batches
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
 
     keras.utils.set_random_seed(0)  # before the stream: its reshuffling draws from the global seed
     dataset, _ = view_dataset(shards, "train", cls.recipe(config, crop),

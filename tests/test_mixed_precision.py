@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 from rr_tf.methods.reprec import RepRec
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.strategy import set_precision
 
 from test_methods_engine import shards  # noqa: F401  (its 2 small phantoms, a fixture)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
 from rr_tf.methods.moco import Config, MoCo
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 TINY = Config(base_width=2, proj_dim=8, proj_hidden_dim=8, proj_bn=False, queue_size=6,
@@ -162,7 +162,7 @@ def test_learns_instance_discrimination_when_instances_differ():
     within 160 AdamW steps (measured with seeds 0/1/2: 2.68/2.10/2.41 over
     steps 141-160, top-1 0.43/0.58/0.46). The phantom demo's flat InfoNCE is
     therefore a property of its data and budget, not of this code path."""
-    from rr_tf.training.optim import build_optimizer as build
+    from rr_tf.optim import build_optimizer as build
 
     n, b, steps = 256, 8, 160
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import tensorflow as tf
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.multitask import Config, SequentialMultiTask, global_average
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 TINY = Config(base_width=2, levels=3, queue_size=8, proj_dim=8, momentum=0.5,

@@ -10,7 +10,7 @@ import tensorflow as tf
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.pcrl import PCRL, TRANSFORM_DIM, Config, folded_beta
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 VOLUME = tf.cast(tf.random.stateless_uniform([60, 56, 40, 1], [4, 2], -1000, 1000, tf.int32), tf.int16)

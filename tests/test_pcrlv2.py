@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 from rr_tf.methods.pcrlv2 import (PCRLv2, Config, mid_stage_weight, pair_loss, stage_choices)
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 TINY = Config(base_width=2, levels=4, num_local=1, local_size=8, mid_decay_steps=100)

@@ -13,7 +13,7 @@ from rr_tf.data import recipes, views
 from rr_tf.errors import ConfigError
 from rr_tf.methods.alignment import overlap_regions, region_mask, sample_region
 from rr_tf.methods.pgl import PGL, Config, decoder_stages, local_consistency
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 TINY = Config(base_width=2, levels=3, proj_dim=8, proj_hidden_dim=16, local_dim=4, local_stages=2,

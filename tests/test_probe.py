@@ -137,7 +137,7 @@ def _tiny_method(name):
 @pytest.mark.parametrize("name", ["reprec", "mae", "multitask", "genesis", "pcrl", "pcrlv2",
                                   "pgl", "moco", "simclr"])
 def test_probe_runs_on_every_methods_transferable_encoder(name):
-    from rr_tf.training import optim
+    from rr_tf import optim
 
     cls, config, crop = _tiny_method(name)
     method = cls(config, seed=0)

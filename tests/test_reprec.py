@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 from rr_tf.methods.reprec import CELL, Config, RepRec
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 
 TINY = Config(base_width=2, queue_size=8, proj_dim=8, transformer_dim=16, transformer_depth=1,

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from rr_tf.methods import get_method
 from rr_tf.methods.simclr import Config, SimCLR
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from subproc import run_logged
 
 TINY = Config(base_width=2, proj_dim=8, proj_hidden_dim=8)

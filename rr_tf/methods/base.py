@@ -6,8 +6,8 @@ import dataclasses
 
 import keras
 
-from rr_tf.training import optim
-from rr_tf.training.strategy import DistributedFitMixin
+from rr_tf import optim
+from rr_tf.distribute import DistributedFitMixin
 
 
 def param(default, help, choices=None, low=None, high=None):
@@ -60,12 +60,12 @@ class PretrainMethod(DistributedFitMixin, keras.Model):
 
     @staticmethod
     def replica_scaled(loss):
-        """Divides by the number of replicas (:func:`rr_tf.training.optim.replica_scaled`)."""
+        """Divides by the number of replicas (:func:`rr_tf.optim.replica_scaled`)."""
         return optim.replica_scaled(loss)
 
     def backprop(self, tape, loss, variables):
         """Backprop ``loss`` (already replica-scaled) into ``variables``
-        (:func:`rr_tf.training.optim.backprop`: float16 loss scaling)."""
+        (:func:`rr_tf.optim.backprop`: float16 loss scaling)."""
         return optim.backprop(self.optimizer, tape, loss, variables)
 
     def finish_build(self, volume):
@@ -111,7 +111,8 @@ class PretrainMethod(DistributedFitMixin, keras.Model):
         a run directory, an export directory or a ``.keras`` file. Heads,
         queues and the optimizer start fresh; momentum copies restart as
         copies of the loaded online networks. Returns the TransferReport."""
-        from rr_tf.transfer import source_parts, transfer
+        from rr_tf.runs import source_parts
+        from rr_tf.transfer import transfer
 
         src, _ = source_parts(path)
         report = transfer(self.transfer_parts(), src, source=path)

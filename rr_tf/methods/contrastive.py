@@ -48,10 +48,10 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.distribute import gather_from_replicas, replica_row_offset
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.momentum import (MomentumEncoder, gather_from_replicas, replica_row_offset,
-                                   shuffled_group_apply)
+from rr_tf.models.momentum import MomentumEncoder, shuffled_group_apply
+from rr_tf.optim import optimizer_step
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
 

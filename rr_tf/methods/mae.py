@@ -38,7 +38,8 @@ from rr_tf.data import recipes
 from rr_tf.data.augment import random_flip
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.masking import global_random_masking, optimizer_step
+from rr_tf.methods.masking import global_random_masking
+from rr_tf.optim import optimizer_step
 from rr_tf.models.parts import ViTFeatures
 from rr_tf.models.vit3d import (MaskedTokenDecoder, ViT3D, num_visible,
                                 patchify, unpatchify)

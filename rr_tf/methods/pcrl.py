@@ -68,7 +68,7 @@ from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import NORMS, _register
 from rr_tf.models import rng

@@ -50,7 +50,7 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.optim import optimizer_step
 from rr_tf.models import rng
 from rr_tf.models.heads import PredictorHead, ReconstructionHead, global_pool
 from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register

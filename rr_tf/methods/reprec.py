@@ -33,7 +33,8 @@ from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.methods.contrastive import (KEY_BN_HELP, SIMCLR_TEMPERATURE, ContrastiveBranch,
                                        check_key_bn_groups)
-from rr_tf.methods.masking import global_random_masking, global_uniform, optimizer_step
+from rr_tf.methods.masking import global_random_masking, global_uniform
+from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
 from rr_tf.models.layers import NORMS

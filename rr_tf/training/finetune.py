@@ -14,7 +14,6 @@ Run directory (``RunDir``; same resume rules as pre-training)::
 """
 
 import inspect
-import json
 import math
 import os
 import sys
@@ -27,7 +26,9 @@ from rr_tf.data.pipeline import StreamConfig, case_dataset, shard_errors_named, 
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
-from rr_tf.training import loop, optim
+from rr_tf.runs import source_method, source_parts
+from rr_tf import optim
+from rr_tf.training import loop
 from rr_tf.training.run_dir import RunDir
 from rr_tf.training.finetune_config import (  # noqa: F401  (re-exported)
     LARGEST_COMPONENT, SEGMENTER_CHOICES, FinetuneConfig, parse_budget)
@@ -141,15 +142,6 @@ def _start_point(config):
     return f"from {config.pretrained}"
 
 
-def source_method(path):
-    """The pre-training method name of a run directory (None for exports)."""
-    state = os.path.join(path, "run.json")
-    if os.path.isdir(path) and os.path.exists(state):
-        with open(state) as f:
-            return json.load(f).get("method")
-    return None
-
-
 def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=False,
                     src_parts=None, src_spec=None):
     """Loads what matches from ``source`` (run directory, export directory
@@ -157,7 +149,7 @@ def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=Fa
     when the pre-training data were preprocessed differently from ``spec``
     unless ``allow_spec_mismatch``; refuses (ConfigError) when nothing
     matches. Returns the TransferReport."""
-    from rr_tf.transfer import source_parts, transfer
+    from rr_tf.transfer import transfer
 
     if src_parts is None:
         src_parts, src_spec = source_parts(source, flag="pretrained")
@@ -247,8 +239,6 @@ def run_finetuning(config, log=None):
     # read before the run directory is made, so a wrong --pretrained leaves nothing behind
     src_parts = src_spec = None
     if config.pretrained:
-        from rr_tf.transfer import source_parts
-
         src_parts, src_spec = source_parts(config.pretrained, flag="pretrained")
         kind = auto_kind(src_parts) if config.segmenter == "auto" else config.segmenter
         args = dict(architecture_from(src_parts, kind), **config.segmenter_args)

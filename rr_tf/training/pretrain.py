@@ -10,9 +10,10 @@ from rr_tf.data import records
 from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, shard_errors_named, view_dataset
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
-from rr_tf.training import loop, optim
+
+from rr_tf import optim
+from rr_tf.training import loop
 from rr_tf.training.probe import DEFAULT_EVERY, LinearProbe, ProbeCallback, ProbeConfig
-from rr_tf.training.run_dir import RunDir
 from rr_tf.training.settings import RunSettings
 
 _DATA_RESEED = 1_000_003  # data seed = seed + _DATA_RESEED * resumed step
@@ -41,28 +42,6 @@ class PretrainConfig(RunSettings):
             raise ConfigError("pairing", f"must be 'views' or 'patient', got {self.pairing!r}")
         if self.init_from and not os.path.exists(self.init_from):
             raise ConfigError("init_from", f"{self.init_from} does not exist")
-
-
-def load_trained(run_dir):
-    """Rebuilds the method of a pre-training run directory and restores its
-    newest checkpoint (for export or inspection). Returns (method, spec)."""
-    from rr_tf.data.spec import PreprocessSpec
-
-    run = RunDir(run_dir)
-    state = run.state()
-    if state is None or "method_config" not in state:
-        raise ConfigError("run_dir", f"{run.path} is not a pre-training run directory")
-    if not os.path.exists(run.spec):
-        raise ConfigError("run_dir", f"{run.spec} is missing")
-    with open(run.spec) as f:
-        spec = PreprocessSpec.from_json(f.read())
-    cls = get_method(state["method"])
-    method = cls(cls.Config(**state["method_config"]), seed=state.get("seed", 0))
-    method.compile(optimizer=optim.build_optimizer("adamw", 1e-3, 2), jit_compile=False)
-    method.build_for(cls.example_batch(tuple(state["crop_size"])))
-    if not loop.restore_weights(method, run.checkpoints):
-        raise ConfigError("run_dir", f"{run.checkpoints} holds no checkpoint yet")
-    return method, spec
 
 
 def micle_summary(manifest):

@@ -29,8 +29,7 @@ import shutil
 import tempfile
 
 from rr_tf.errors import ConfigError
-
-STATE_NAME = "run.json"
+from rr_tf.runs import CHECKPOINTS_NAME, SPEC_NAME, STATE_NAME
 
 
 def _atomic_write(path, text):
@@ -46,9 +45,9 @@ class RunDir:
     def __init__(self, path):
         self.path = os.path.abspath(str(path))
         self.flags = os.path.join(self.path, "flags.txt")
-        self.spec = os.path.join(self.path, "preprocess.json")
+        self.spec = os.path.join(self.path, SPEC_NAME)
         self.state_path = os.path.join(self.path, STATE_NAME)
-        self.checkpoints = os.path.join(self.path, "checkpoints")
+        self.checkpoints = os.path.join(self.path, CHECKPOINTS_NAME)
         self.tensorboard = os.path.join(self.path, "tensorboard")
         self.export = os.path.join(self.path, "export")
         self.metrics = os.path.join(self.path, "metrics.json")

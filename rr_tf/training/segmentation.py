@@ -18,9 +18,9 @@ import tensorflow as tf
 from keras import ops
 
 from rr_tf import losses
-from rr_tf.models.momentum import num_replicas, sum_over_replicas
-from rr_tf.training import optim
-from rr_tf.training.strategy import DistributedFitMixin
+from rr_tf.distribute import num_replicas, sum_over_replicas
+from rr_tf import optim
+from rr_tf.distribute import DistributedFitMixin
 from rr_tf.utils.figures import tensorboard_overlay
 from rr_tf.training.callbacks import _step
 

@@ -5,9 +5,9 @@ kinds' configs (``PretrainConfig``, ``FinetuneConfig``) extend it."""
 import dataclasses
 
 from rr_tf.errors import ConfigError
+from rr_tf.optim import OPTIMIZERS  # noqa: F401  (launch/flagutil reads it here)
 
 VERBOSITY = {"bar": 1, "line": 2, "none": 0}  # console progress -> Keras verbose
-OPTIMIZERS = ("adamw", "sgd", "lamb", "nnunet_sgd")  # rr_tf.training.optim builds them
 SHARD_CHECKS = ("size", "sha256")  # how shards are checked against the manifest before reading
 
 # where fine-tuning's defaults differ from pre-training's (FinetuneConfig and
