@@ -467,7 +467,7 @@ def test_a_wrong_pretrained_source_names_the_flag_and_writes_nothing(shards, tmp
 def _finetune_two_steps(shards, jit):
     from rr_tf.data import recipes
     from rr_tf.data.pipeline import StreamConfig, view_dataset
-    from rr_tf.training.finetune import build_model
+    from rr_tf.models.segmenters import build_segmenter
     from rr_tf.training.loop import device_batches
     from rr_tf.optim import build_optimizer
     from rr_tf.training.segmentation import SegmentationTask
@@ -478,7 +478,7 @@ def _finetune_two_steps(shards, jit):
     ds, _ = view_dataset(shards, "train", recipe, StreamConfig(batch_size=2, crops_per_volume=2,
                                                                seed=5), labelled=True)
     assert ds.element_spec["case_id"].dtype.name == "string"  # stripped before the step
-    task = SegmentationTask(build_model("unet", 11, {"base_width": 2, "levels": 3}), 11)
+    task = SegmentationTask(build_segmenter("unet", 11, base_width=2, levels=3), 11)
     task.compile(optimizer=build_optimizer("sgd", 1e-2, 10), jit_compile=jit)
     preview = next(iter(ds))
     task.build_for(preview)

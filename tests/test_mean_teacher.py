@@ -15,8 +15,8 @@ from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.records import read_manifest
 from rr_tf.data.spec import PreprocessSpec
 from rr_tf.errors import ConfigError
-from rr_tf.models.segmenters import UNetSegmenter
-from rr_tf.training.finetune import (FinetuneConfig, build_model, choose_labeled,
+from rr_tf.models.segmenters import UNetSegmenter, build_segmenter
+from rr_tf.training.finetune import (FinetuneConfig, choose_labeled,
                                      num_classes_of,
                                      run_finetuning, unlabelled_cases, unlabelled_stream)
 from rr_tf.training.mean_teacher import (NOISE_CLIP, MeanTeacherTask, consistency_ramp, perturb,
@@ -230,7 +230,7 @@ def test_mean_teacher_finetuning_resumes_with_its_teacher(shards, tmp_path):
     from rr_tf import checkpoints
 
     classes = num_classes_of(read_manifest(shards))
-    segmenter = build_model("unet", classes, {"base_width": 2, "levels": 3})
+    segmenter = build_segmenter("unet", classes, base_width=2, levels=3)
     task = MeanTeacherTask(segmenter, classes)
     task.compile(optimizer=keras.optimizers.AdamW(1e-3))
     task.build_for({"image": np.zeros((1, 16, 16, 16, 1), np.float32)})

@@ -7,9 +7,7 @@ import keras
 from keras import ops
 
 from rr_tf.errors import ConfigError
-from rr_tf.models.layers import ConvBlock, ConvUnit, _register, with_channels
-
-SEGMENTER_KINDS = ("unet", "hybrid", "unetr")
+from rr_tf.models.layers import ConvBlock, ConvUnit, register, with_channels
 
 # Pre-training method -> the segmenter its weights initialise ("slice2d" is
 # rr_tf.models.unet2d.SliceSegmenter, the 2D U-Net applied slice by slice).
@@ -19,7 +17,7 @@ _KIND_FOR_METHOD = {
 }
 # Methods whose published transfer is the encoder alone although their
 # pre-trained network has a decoder: PCRLv2 (non-skip decoder; skips are
-# added back for segmentation, methods.md "Transfer"). Genesis and PCRL
+# added back for segmentation, docs/methods.md "Transfer"). Genesis and PCRL
 # transfer encoder + decoder; MoCo, SimCLR, PGL export an encoder only.
 _ENCODER_ONLY_TRANSFER = ("pcrlv2",)
 
@@ -113,7 +111,7 @@ class _Segmenter(keras.Model):
         return ops.cast(x, "float32")
 
 
-@_register
+@register
 class UpBlock(keras.layers.Layer):
     """Decoder step: ``up`` (Conv3DTranspose k2 s2 to ``filters``), concat the
     same-resolution ``skip``, ``block`` (two conv units of ``filters``)."""
@@ -148,7 +146,7 @@ class UpBlock(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class DeconvPath(keras.layers.Layer):
     """UNETR skip projection: ``steps`` x (Conv3DTranspose k2 s2 -> conv unit),
     taking a token map at the patch stride to ``stride / 2**steps``."""

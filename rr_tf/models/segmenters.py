@@ -8,6 +8,13 @@
             tokens, no masking) is the bottleneck; TransUNet/UNETR-style
             U-shaped decoder.
     unetr   UNETRSegmenter: ViT3D encoder (MAE) with the UNETR decoder.
+    slice2d SliceSegmenter (rr_tf.models.unet2d): the sequential multi-task
+            2D U-Net applied slice by slice (slabs of ``slab_size`` slices).
+
+:func:`build_segmenter` is the one factory (fine-tuning and the tests use
+it); :func:`kind_for_parts` and :func:`architecture_from` read the kind and
+the constructor arguments from what a pre-trained source declares about its
+parts (:func:`rr_tf.runs.source_parts`), so keys and shapes match.
 
 Common API (the fine-tuning engine and sliding-window inference rely on it):
 
@@ -31,20 +38,22 @@ to float32 at the end. The number of classes includes the background
 pre-trained 1-channel head (Genesis, PCRL) is a shape mismatch, never loaded.
 """
 
+import inspect
+
 import keras
 
 from rr_tf.errors import ConfigError
 from rr_tf.models.hybrid import HybridEncoder
-from rr_tf.models.layers import NORMS, ConvBlock, _register, as_triple
+from rr_tf.models.layers import NORMS, ConvBlock, register, as_triple
 # the method -> kind map is part of this module's API (re-exported)
-from rr_tf.models.segmenter_base import (SEGMENTER_KINDS, DeconvPath, UpBlock,  # noqa: F401
+from rr_tf.models.segmenter_base import (DeconvPath, UpBlock,  # noqa: F401
                                          _at_stride, _check_choice, _check_divisible,
                                          _check_num_classes, _check_positive, _EncoderView,
                                          _Segmenter, segmenter_kind_for_method, transfers_decoder)
 from rr_tf.models.unet3d import UNet3D
 from rr_tf.models.vit3d import ViT3D, tokens_to_map
 
-@_register
+@register
 class UNetSegmenter(_Segmenter):
     """Genesis UNet3D (``unet``, skips on) whose 1x1x1 head gives ``num_classes``
     logits. Layer paths below ``unet`` are those of a pre-training UNet3D
@@ -101,7 +110,7 @@ class UNetSegmenter(_Segmenter):
 # Hybrid (RepRec)
 # ---------------------------------------------------------------------------
 
-@_register
+@register
 class SegmentationHybridEncoder(HybridEncoder):
     """HybridEncoder whose feature-recovery decoder is never built (no
     weights): segmentation uses the CNN and the transformer only. Variable
@@ -124,7 +133,7 @@ class SegmentationHybridEncoder(HybridEncoder):
         return {"pyramid": pyramid, "feature_map": fmap, "latent": latent}
 
 
-@_register
+@register
 class HybridSegmenter(_Segmenter):
     """RepRec's hybrid encoder (``hybrid``) with a U-shaped decoder.
 
@@ -231,7 +240,7 @@ def default_skip_blocks(depth, num_skips):
     return [max(1, -(-depth * j // (num_skips + 1))) for j in range(1, num_skips + 1)]
 
 
-@_register
+@register
 class UNETRSegmenter(_Segmenter):
     """UNETR (Hatamizadeh et al. 2022) on a :class:`ViT3D` encoder (``vit``).
 
@@ -354,25 +363,69 @@ class UNETRSegmenter(_Segmenter):
 # Factory
 # ---------------------------------------------------------------------------
 
-_CLASSES = {"unet": UNetSegmenter, "hybrid": HybridSegmenter, "unetr": UNETRSegmenter}
+# the part each kind is initialised from (rr_tf.transfer's part names), in the
+# order kind_for_parts prefers them
+PART_FOR_KIND = {"hybrid": "hybrid", "unetr": "vit", "slice2d": "unet2d", "unet": "unet"}
+# constructor arguments named differently in the pre-trained part's config
+_RENAMES = {"transformer_dim": "dim", "transformer_depth": "depth", "transformer_heads": "heads"}
+
+
+def segmenter_class(kind):
+    """The segmenter class of ``kind`` (``unet``, ``hybrid``, ``unetr``,
+    ``slice2d``); ConfigError on an unknown kind."""
+    from rr_tf.models.unet2d import SliceSegmenter
+
+    classes = {"unet": UNetSegmenter, "hybrid": HybridSegmenter, "unetr": UNETRSegmenter,
+               "slice2d": SliceSegmenter}
+    if kind not in classes:
+        raise ConfigError("segmenter", f"unknown kind {kind!r}; available: "
+                          f"{', '.join(classes)}")
+    return classes[kind]
 
 
 def build_segmenter(kind, num_classes, **kwargs):
-    """``UNetSegmenter`` / ``HybridSegmenter`` / ``UNETRSegmenter`` by kind;
-    ConfigError on an unknown kind or argument, or an invalid value."""
-    if kind not in _CLASSES:
-        raise ConfigError("segmenter", f"unknown kind {kind!r}; available: "
-                          f"{', '.join(SEGMENTER_KINDS)}")
+    """The segmenter of ``kind`` (:func:`segmenter_class`) with
+    ``num_classes`` and the constructor arguments ``kwargs``; ConfigError
+    on an unknown kind or argument, or an invalid value."""
+    cls = segmenter_class(kind)
     try:
-        return _CLASSES[kind](num_classes, **kwargs)
-    except TypeError as e:
+        return cls(num_classes, **kwargs)
+    except (TypeError, ValueError) as e:
         raise ConfigError("segmenter", f"{kind}: {e}") from None
-    except ValueError as e:
-        raise ConfigError("segmenter", f"{kind}: {e}") from None
+
+
+def kind_for_parts(parts):
+    """The segmenter kind a pre-trained source's parts initialise (``auto``)."""
+    for kind, key in PART_FOR_KIND.items():
+        if key in parts:
+            return kind
+    raise ConfigError("pretrained", f"no part a segmenter can use (parts: {sorted(parts)})")
+
+
+def architecture_from(parts, kind):
+    """Segmenter constructor arguments read from the pre-trained part's
+    config (so keys and shapes match), for ``kind``."""
+    key = PART_FOR_KIND[kind]
+    if key not in parts:
+        raise ConfigError("segmenter", f"{kind} needs a pre-trained {key!r} part; the source has "
+                          f"{sorted(parts)}")
+    config = parts[key].get_config()
+    cls = segmenter_class(kind)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "kwargs"}
+    args = {}
+    for name, value in config.items():
+        name = _RENAMES.get(name, name)
+        if name in accepted and name not in ("name", "dtype", "trainable"):
+            args[name] = value
+    if kind == "slice2d":  # slices per slab = input channels of the first convolution
+        first = next(v for v in parts[key].weights if v.path.endswith("kernel"))
+        args["slab_size"] = int(first.shape[-2])
+    return args
 
 
 __all__ = [
-    "SEGMENTER_KINDS", "DeconvPath", "HybridSegmenter", "SegmentationHybridEncoder",
-    "UNETRSegmenter", "UNetSegmenter", "UpBlock", "build_segmenter", "default_skip_blocks",
-    "segmenter_kind_for_method", "transfers_decoder",
+    "DeconvPath", "HybridSegmenter", "SegmentationHybridEncoder",
+    "UNETRSegmenter", "UNetSegmenter", "UpBlock", "architecture_from", "build_segmenter",
+    "default_skip_blocks", "kind_for_parts", "segmenter_class", "segmenter_kind_for_method",
+    "transfers_decoder",
 ]

@@ -13,7 +13,6 @@ Run directory (``RunDir``; same resume rules as pre-training)::
     export/               segmenter.keras + SavedModel with sliding window
 """
 
-import inspect
 import math
 import os
 import sys
@@ -84,54 +83,6 @@ def num_classes_of(manifest):
     if not values:
         raise ConfigError("data_dir", "the manifest lists no label values; are the cases labelled?")
     return max(values) + 1
-
-
-_RENAMES = {"transformer_dim": "dim", "transformer_depth": "depth", "transformer_heads": "heads"}
-
-
-def architecture_from(parts, kind):
-    """Segmenter constructor arguments read from the pre-trained part's
-    config (so keys and shapes match), for ``kind``."""
-    key = {"hybrid": "hybrid", "unetr": "vit", "unet": "unet", "slice2d": "unet2d"}[kind]
-    if key not in parts:
-        raise ConfigError("segmenter", f"{kind} needs a pre-trained {key!r} part; the source has "
-                          f"{sorted(parts)}")
-    config = parts[key].get_config()
-    cls = _segmenter_class(kind)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "kwargs"}
-    args = {}
-    for name, value in config.items():
-        name = _RENAMES.get(name, name)
-        if name in accepted and name not in ("name", "dtype", "trainable"):
-            args[name] = value
-    if kind == "slice2d":  # slices per slab = input channels of the first convolution
-        first = next(v for v in parts[key].weights if v.path.endswith("kernel"))
-        args["slab_size"] = int(first.shape[-2])
-    return args
-
-
-def auto_kind(parts):
-    for key, kind in (("hybrid", "hybrid"), ("vit", "unetr"), ("unet2d", "slice2d"), ("unet", "unet")):
-        if key in parts:
-            return kind
-    raise ConfigError("pretrained", f"no part a segmenter can use (parts: {sorted(parts)})")
-
-
-def _segmenter_class(kind):
-    if kind == "slice2d":
-        from rr_tf.models.unet2d import SliceSegmenter
-
-        return SliceSegmenter
-    return {"unet": segmenters.UNetSegmenter, "hybrid": segmenters.HybridSegmenter,
-            "unetr": segmenters.UNETRSegmenter}[kind]
-
-
-def build_model(kind, num_classes, args):
-    cls = _segmenter_class(kind)
-    try:
-        return cls(num_classes, **args)
-    except (TypeError, ValueError) as err:
-        raise ConfigError("segmenter", f"{kind}: {err}") from None
 
 
 def _start_point(config):
@@ -240,8 +191,8 @@ def run_finetuning(config, log=None):
     src_parts = src_spec = None
     if config.pretrained:
         src_parts, src_spec = source_parts(config.pretrained, flag="pretrained")
-        kind = auto_kind(src_parts) if config.segmenter == "auto" else config.segmenter
-        args = dict(architecture_from(src_parts, kind), **config.segmenter_args)
+        kind = segmenters.kind_for_parts(src_parts) if config.segmenter == "auto" else config.segmenter
+        args = dict(segmenters.architecture_from(src_parts, kind), **config.segmenter_args)
     else:
         kind = "unet" if config.segmenter == "auto" else config.segmenter
         args = dict(config.segmenter_args)
@@ -295,7 +246,7 @@ def run_finetuning(config, log=None):
             lambda b, u: {"image": b["image"], "label": b["label"], "unlabelled": u["view"]})
     preview = next(iter(dataset))
     with strategy.scope():
-        segmenter = build_model(kind, num_classes, args)
+        segmenter = segmenters.build_segmenter(kind, num_classes, **args)
         divisor = getattr(segmenter, "divisor", 1)
         if any(c % divisor for c in config.crop_size):
             raise ConfigError("crop_size", f"the {kind} segmenter needs multiples of {divisor}, "
