@@ -21,11 +21,11 @@ when part, key and shape agree; everything else is reported.
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 
 from rr_tf.errors import ConfigError
+from rr_tf.utils.files import atomic_write
 
 
 def variables_by_key(layer):
@@ -62,10 +62,7 @@ class TransferReport:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     def save(self, path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_json() + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, self.to_json() + "\n")
 
 
 def transfer(dst_parts, src_parts, source="source", parts=None, flag="init_from"):

@@ -1,5 +1,5 @@
 """Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021): learn by restoring
-corrupted crops, as in ``../shared/docs/methods.md``.
+corrupted crops, as in ``docs/methods.md``.
 
 1. sample: a 64x64x32 crop in [0, 1] (HU window scaled), randomly flipped;
    that crop is the *target* (recipe :func:`rr_tf.data.recipes.genesis_pair`);

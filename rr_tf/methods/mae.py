@@ -1,6 +1,6 @@
 """MAE-3D: masked autoencoding of 3D CT patches (He et al., "Masked
 Autoencoders Are Scalable Vision Learners", CVPR 2022, in 3D), the
-generative baseline named by RepRec (methods.md, "MAE-3D").
+generative baseline named by RepRec (docs/methods.md, "MAE-3D").
 
 1. ``patchify``: the crop is cut into non-overlapping 16^3 patches, embedded
    by a linear projection (ViT3D's Conv3D, kernel = stride = patch) plus a
@@ -49,7 +49,7 @@ MASK_GREY = 0.5  # what the "masked_input" image shows in place of a masked patc
 
 @dataclasses.dataclass
 class Config:
-    """MAE-3D hyper-parameters (defaults: methods.md, MAE and UNETR's ViT-B)."""
+    """MAE-3D hyper-parameters (defaults: docs/methods.md, MAE and UNETR's ViT-B)."""
 
     patch_size: int = param(16, "Cubic patch (token) size in voxels.", low=2)
     transformer_dim: int = param(768, "ViT width (ViT-B: 768).", low=8)

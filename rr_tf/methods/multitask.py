@@ -1,5 +1,5 @@
 """Sequential multi-task SSL (Dong, Kampffmeyer, Voiculescu, ECML-PKDD 2021),
-as decided in ``../shared/docs/methods.md`` (the paper's text and code are
+as decided in ``docs/methods.md`` (the paper's text and code are
 not public; everything below is the rr_tf design, not a reproduction).
 
 Several pretext tasks on a *sequence* of 2D axial slices exploit the

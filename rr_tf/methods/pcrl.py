@@ -1,6 +1,6 @@
 """PCRL: Preservational Contrastive Representation Learning (Zhou et al.,
 "Preservational Learning Improves Self-supervised Medical Image Models by
-Reconstructing Diverse Contexts", ICCV 2021), as in ``../shared/docs/methods.md``.
+Reconstructing Diverse Contexts", ICCV 2021), as in ``docs/methods.md``.
 
 A UNet3D *with skips* is trained to keep (preserve) the information of its
 input while learning contrastive features. Per step, with two views of one
@@ -11,7 +11,7 @@ targets are the crops after the spatial augmentation):
 1. **Contrast** (MoCo style): query ``q`` = embedding head (GAP(bottleneck)
    -> 128 -> ReLU -> 128) of the student encoder on view 1; key ``k`` = the
    momentum (EMA, m 0.999) encoder + head on view 2; InfoNCE (tau 0.2)
-   against a FIFO queue of 16384 keys. **Decision** (methods.md): InfoNCE,
+   against a FIFO queue of 16384 keys. **Decision** (docs/methods.md): InfoNCE,
    not the public code's CMC-style NCE with a frozen normaliser.
 2. **Transformation-conditioned attention**: each view has a 7-d vector
    (3 flip bits + rot90 one-hot); an MLP (7 -> 256 -> 512, sigmoid) turns it
@@ -70,7 +70,7 @@ from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
 from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import NORMS, _register
+from rr_tf.models.layers import NORMS, register
 from rr_tf.models import rng
 from rr_tf.models.momentum import MomentumEncoder, Queue
 from rr_tf.models.parts import UNetFeatures
@@ -113,7 +113,7 @@ class Config:
                               "in-painting).", low=0.0, high=1.0)
 
 
-@_register
+@register
 class TransformGate(keras.layers.Layer):
     """PCRL's transformation-conditioned attention: the 7-d transformation
     vector -> ``fc1`` Dense(hidden) -> ReLU -> ``fc2`` Dense(channels) ->

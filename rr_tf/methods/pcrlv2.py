@@ -1,6 +1,6 @@
 """PCRLv2: "A Unified Visual Information Preservation Framework for
 Self-supervised Pre-Training in Medical Image Analysis" (TPAMI 2023), as
-described in ``../shared/docs/methods.md`` and the public code RL4M/PCRLv2.
+described in ``docs/methods.md`` and the public code RL4M/PCRLv2.
 
 Network: the Genesis UNet3D *without* skip connections (the pre-training
 "non-skip U-Net"), sigmoid head. Each of its decoder stages ``s`` (coarse
@@ -53,7 +53,7 @@ from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.optim import optimizer_step
 from rr_tf.models import rng
 from rr_tf.models.heads import PredictorHead, ReconstructionHead, global_pool
-from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register
+from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, register
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
 
@@ -119,7 +119,7 @@ def mse(pred, target):
     return ops.mean(ops.square(ops.cast(pred, "float32") - target))
 
 
-@_register
+@register
 class StageProjection(keras.layers.Layer):
     """PCRLv2 projection of a decoder stage: global average pool -> ``bn``
     (BatchNorm1d; synchronised across replicas, PyTorch eps/momentum)."""

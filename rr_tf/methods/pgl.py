@@ -1,5 +1,5 @@
 """PGL: "Prior-Guided Local Self-supervised Learning for 3D Medical Image
-Segmentation" (Xie et al., 2020), as described in ``../shared/docs/methods.md``
+Segmentation" (Xie et al., 2020), as described in ``docs/methods.md``
 (Related methods).
 
 Two views of one volume are cut with *known* crop boxes and flips (the
@@ -45,7 +45,7 @@ from rr_tf.methods import alignment
 from rr_tf.methods.base import PretrainMethod, param
 from rr_tf.methods.contrastive import check_key_bn_groups, momentum_keys
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register, with_channels
+from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, register, with_channels
 from rr_tf.models.momentum import MomentumEncoder, batch_statistics
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
@@ -81,7 +81,7 @@ class Config:
                                "(resized to it), drawn per view.", low=0.01)
 
 
-@_register
+@register
 class PointwiseMLP(keras.layers.Layer):
     """``conv1`` 1x1x1 (hidden) -> ``bn`` -> ReLU -> ``conv2`` 1x1x1 (out):
     an MLP applied to every voxel's feature vector (BN synchronised across
@@ -115,7 +115,7 @@ class PointwiseMLP(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class StageHeads(keras.layers.Layer):
     """One :class:`PointwiseMLP` per decoder stage (``stage1``, ...): maps a
     list of feature maps to the list of their heads' outputs."""

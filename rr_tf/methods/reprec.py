@@ -1,5 +1,5 @@
 """RepRec: representation recovery (WACV 2023), as decided in
-``../shared/docs/methods.md``.
+``docs/methods.md``.
 
 A CNN encoder is trained contrastively (MoCo v2: two views, projection head,
 momentum key encoder, queue, InfoNCE; SimCLR in-batch negatives as a flag)
@@ -44,7 +44,7 @@ from rr_tf.models.parts import CNNPyramid, HybridFeatures
 
 @dataclasses.dataclass
 class Config:
-    """RepRec hyper-parameters (defaults: methods.md; demo flagfiles shrink them)."""
+    """RepRec hyper-parameters (defaults: docs/methods.md; demo flagfiles shrink them)."""
 
     base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
     levels: int = param(4, "UNet3D encoder levels (RepRec adds one stride-2 stage).", low=2)

@@ -31,7 +31,7 @@ from rr_tf.models.layers import NORMS
 
 @dataclasses.dataclass
 class Config:
-    """SimCLR hyper-parameters (defaults: methods.md and the SimCLR paper)."""
+    """SimCLR hyper-parameters (defaults: docs/methods.md and the SimCLR paper)."""
 
     base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
     levels: int = param(4, "UNet3D encoder levels (bottleneck at stride 2**(levels-1)).", low=2)
