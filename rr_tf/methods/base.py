@@ -8,6 +8,7 @@ import keras
 
 from rr_tf import optim
 from rr_tf.distribute import DistributedFitMixin
+from rr_tf.models.layers import NORMS
 
 
 def param(default, help, choices=None, low=None, high=None):
@@ -18,6 +19,28 @@ def param(default, help, choices=None, low=None, high=None):
     if isinstance(default, (list, tuple)):
         return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class CNNConfig:
+    """The convolutional network's fields, declared once for every method
+    whose network is a U-Net (UNet3D; UNet2D for the sequential multi-task
+    method): each method's ``Config`` extends it, so these come first, are
+    one flag each and have one help text. A method with another published
+    default re-declares the field with :meth:`field` (same help and checks)."""
+
+    base_width: int = param(32, "U-Net base width (channels of the first level).", low=1)
+    levels: int = param(4, "U-Net encoder levels: the bottleneck is at stride 2**(levels-1) and "
+                        "the decoder has levels - 1 stages (RepRec adds one stride-2 stage).",
+                        low=2)
+    norm: str = param("batch", "CNN normalisation (sync_batch: statistics over the global batch "
+                      "under tf.distribute).", choices=NORMS)
+
+    @classmethod
+    def field(cls, name, default):
+        """The field ``name`` as declared here (help, choices, bounds) with
+        another default."""
+        return dataclasses.field(default=default, metadata=cls.__dataclass_fields__[name].metadata)
 
 
 class PretrainMethod(DistributedFitMixin, keras.Model):

@@ -25,7 +25,7 @@ from keras import ops
 
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
 from rr_tf.models.layers import NORMS
 from rr_tf.models.parts import UNetFeatures
 from rr_tf.models.unet3d import UNet3D
@@ -34,14 +34,9 @@ ACTIVATIONS = ("sigmoid", "linear")
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """Models Genesis hyper-parameters (defaults: the published ones)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (the bottleneck is at stride 2**(levels-1)).",
-                        low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
     output_activation: str = param("sigmoid", "Activation of the restoration head: sigmoid "
                                    "(targets in [0, 1], as published) or linear.",
                                    choices=ACTIVATIONS)

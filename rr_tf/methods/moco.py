@@ -24,20 +24,16 @@ import dataclasses
 import tensorflow as tf
 
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import param
+from rr_tf.methods.base import CNNConfig, param
 from rr_tf.methods.contrastive import (KEY_BN_HELP, ContrastiveEncoderMethod,
                                        check_key_bn_groups)
-from rr_tf.models.layers import NORMS
 from rr_tf.models.momentum import Queue
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """MoCo v2 hyper-parameters (defaults: docs/methods.md and the MoCo v2 paper)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (bottleneck at stride 2**(levels-1)).", low=2)
-    norm: str = param("batch", "CNN normalisation.", choices=NORMS)
     proj_dim: int = param(128, "Contrastive embedding size.", low=1)
     proj_hidden_dim: int = param(512, "Hidden width of the projection MLP (MoCo v2 / SimCLR: "
                                  "the encoder width, 512 at base 32).", low=1)

@@ -43,10 +43,9 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
 from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import NORMS
 from rr_tf.models.momentum import MomentumEncoder, Queue, batch_statistics
 from rr_tf.models.unet2d import SliceFeatures, UNet2D
 from rr_tf.models.unet3d import unet3d_channels
@@ -55,13 +54,10 @@ MAX_SLAB = 15  # slab depths above this are refused (a slab is a few slices, not
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """Sequential multi-task hyper-parameters. Nothing was published beyond
     the task list: the defaults are rr_tf decisions (see configs/multitask.flags)."""
 
-    base_width: int = param(32, "UNet2D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet2D encoder levels (bottleneck at stride 2**(levels-1)).", low=2)
-    norm: str = param("batch", "UNet2D normalisation.", choices=NORMS)
     proj_dim: int = param(128, "Contrastive embedding size.", low=1)
     queue_size: int = param(65536, "MoCo queue length (>= the global batch size).", low=1)
     temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)

@@ -66,11 +66,11 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
 from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
 from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import NORMS, register
+from rr_tf.models.layers import register
 from rr_tf.models import rng
 from rr_tf.models.momentum import MomentumEncoder, Queue
 from rr_tf.models.parts import UNetFeatures
@@ -82,14 +82,9 @@ VOLUME_KEYS = ("view1", "view2", "target1", "target2", "aug_target1", "aug_targe
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """PCRL hyper-parameters (defaults: the published ones)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (the bottleneck is at stride 2**(levels-1)).",
-                        low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
     output_activation: str = param("sigmoid", "Activation of the restoration head: sigmoid "
                                    "(targets in [0, 1], as published) or linear.",
                                    choices=ACTIVATIONS)

@@ -49,11 +49,11 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
 from rr_tf.optim import optimizer_step
 from rr_tf.models import rng
 from rr_tf.models.heads import PredictorHead, ReconstructionHead, global_pool
-from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, register
+from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, register
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
 
@@ -64,14 +64,9 @@ LOCAL_SCALES = (1.0, 1.5, 2.0)
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """PCRLv2 hyper-parameters (defaults: the published values)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels; the decoder has levels - 1 stages, each "
-                        "with a projection, a predictor and a reconstruction head.", low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
     num_local: int = param(6, "Local views per sample (sub-crops inside the union box of the "
                            "two global views).", low=1)
     local_size: int = param(16, "Edge of the cubic local views (voxels); local crops of 1, 1.5 "

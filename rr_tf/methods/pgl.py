@@ -42,23 +42,19 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods import alignment
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
 from rr_tf.methods.contrastive import check_key_bn_groups, momentum_keys
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, register, with_channels
+from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, register, with_channels
 from rr_tf.models.momentum import MomentumEncoder, batch_statistics
 from rr_tf.models.parts import CNNPyramid
 from rr_tf.models.unet3d import UNet3D
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """PGL hyper-parameters (see configs/pgl.flags for their sources)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (the decoder has levels - 1 stages).", low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
     proj_dim: int = param(256, "Output size of the global projector and predictor.", low=1)
     proj_hidden_dim: int = param(4096, "Hidden size of the global projector and predictor MLPs.",
                                  low=1)

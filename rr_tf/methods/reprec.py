@@ -30,26 +30,21 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
 from rr_tf.methods.contrastive import (KEY_BN_HELP, SIMCLR_TEMPERATURE, ContrastiveBranch,
                                        check_key_bn_groups)
 from rr_tf.methods.masking import global_random_masking, global_uniform
 from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
-from rr_tf.models.layers import NORMS
 from rr_tf.models.momentum import Queue
 from rr_tf.models.parts import CNNPyramid, HybridFeatures
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """RepRec hyper-parameters (defaults: docs/methods.md; demo flagfiles shrink them)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (RepRec adds one stride-2 stage).", low=2)
-    norm: str = param("batch", "CNN normalisation (sync_batch: statistics over the global batch "
-                      "under tf.distribute).", choices=NORMS)
     proj_dim: int = param(128, "Contrastive embedding size.", low=1)
     queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
     temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
