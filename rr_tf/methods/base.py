@@ -21,6 +21,15 @@ def param(default, help, choices=None, low=None, high=None):
     return dataclasses.field(default=default, metadata=meta)
 
 
+def zero_volumes(crop_size, batch_size, keys):
+    """{key: zeros [batch_size, *crop_size, 1] float32}: the volume entries
+    of a method's ``example_batch``."""
+    import tensorflow as tf
+
+    shape = (batch_size,) + tuple(crop_size) + (1,)
+    return {k: tf.zeros(shape) for k in keys}
+
+
 @dataclasses.dataclass
 class CNNConfig:
     """The convolutional network's fields, declared once for every method
@@ -35,6 +44,23 @@ class CNNConfig:
                         low=2)
     norm: str = param("batch", "CNN normalisation (sync_batch: statistics over the global batch "
                       "under tf.distribute).", choices=NORMS)
+
+    def unet3d(self, **kwargs):
+        """A UNet3D with these ``base_width``, ``levels`` and ``norm``
+        (``kwargs``: its other arguments)."""
+        from rr_tf.models.unet3d import UNet3D
+
+        return UNet3D(base_width=self.base_width, levels=self.levels, norm=self.norm, **kwargs)
+
+    def check_crop(self, crop_size):
+        """ConfigError naming ``crop_size`` unless every axis is a multiple
+        of the U-Net's largest stride, 2**(levels-1)."""
+        from rr_tf.errors import ConfigError
+
+        factor = 2 ** (self.levels - 1)
+        if any(int(c) % factor for c in crop_size):
+            raise ConfigError("crop_size", f"must be multiples of {factor} ({self.levels} "
+                              f"U-Net levels), got {tuple(crop_size)}")
 
     @classmethod
     def field(cls, name, default):

@@ -25,12 +25,19 @@ from keras import ops
 
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import CNNConfig, PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param, zero_volumes
 from rr_tf.models.layers import NORMS
 from rr_tf.models.parts import UNetFeatures
-from rr_tf.models.unet3d import UNet3D
 
 ACTIVATIONS = ("sigmoid", "linear")
+
+
+def restoration_unet(config):
+    """The restoration U-Net of Genesis (and PCRL): UNet3D with skips, one
+    output channel, ``config.output_activation`` at the end."""
+    return config.unet3d(skips=True, out_channels=1,
+                         final_activation=None if config.output_activation == "linear"
+                         else config.output_activation, name="unet")
 
 
 @dataclasses.dataclass
@@ -70,10 +77,7 @@ class ModelsGenesis(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="genesis", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=True, out_channels=1,
-                           final_activation=None if config.output_activation == "linear"
-                           else config.output_activation, name="unet")
+        self.unet = restoration_unet(config)
 
     # ------------------------------------------------------------ set-up
     @staticmethod
@@ -85,10 +89,7 @@ class ModelsGenesis(PretrainMethod):
 
     @staticmethod
     def check_config(config, run):
-        factor = 2 ** (config.levels - 1)
-        if any(c % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"the U-Net with {config.levels} levels needs "
-                              f"multiples of {factor}, got {run.crop_size}")
+        config.check_crop(run.crop_size)
         if any(c < 10 for c in run.crop_size):
             raise ConfigError("crop_size", "Genesis local shuffling needs crops of at least 10 "
                               f"voxels per axis, got {run.crop_size}")
@@ -100,8 +101,7 @@ class ModelsGenesis(PretrainMethod):
     @staticmethod
     def example_batch(crop_size, batch_size=2):
         """A zero batch with the structure ``train_step`` expects (to build)."""
-        shape = (batch_size,) + tuple(crop_size) + (1,)
-        return {"input": tf.zeros(shape), "target": tf.zeros(shape)}
+        return zero_volumes(crop_size, batch_size, ("input", "target"))
 
     def build_for(self, batch):
         v = self.sample_volume(batch)

@@ -37,7 +37,7 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.data.augment import random_flip
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import PretrainMethod, param, zero_volumes
 from rr_tf.methods.masking import global_random_masking
 from rr_tf.optim import optimizer_step
 from rr_tf.models.parts import ViTFeatures
@@ -126,7 +126,7 @@ class MAE(PretrainMethod):
 
     @staticmethod
     def example_batch(crop_size, batch_size=2):
-        return {"image": tf.zeros((batch_size,) + tuple(crop_size) + (1,))}
+        return zero_volumes(crop_size, batch_size, ("image",))
 
     def build_for(self, batch):
         """Creates the ViT and decoder variables from one batch."""

@@ -24,25 +24,19 @@ import dataclasses
 import tensorflow as tf
 
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import CNNConfig, param
-from rr_tf.methods.contrastive import (KEY_BN_HELP, ContrastiveEncoderMethod,
-                                       check_key_bn_groups)
+from rr_tf.methods.base import param
+from rr_tf.methods.contrastive import ContrastiveEncoderMethod, MoCoConfig, check_key_bn_groups
 from rr_tf.models.momentum import Queue
 
 
 @dataclasses.dataclass
-class Config(CNNConfig):
+class Config(MoCoConfig):
     """MoCo v2 hyper-parameters (defaults: docs/methods.md and the MoCo v2 paper)."""
 
-    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
     proj_hidden_dim: int = param(512, "Hidden width of the projection MLP (MoCo v2 / SimCLR: "
                                  "the encoder width, 512 at base 32).", low=1)
     proj_bn: bool = param(True, "BatchNorm in the projection MLP (docs/methods.md's Dense-BN-ReLU-"
                           "Dense; the MoCo v2 code's MLP has none).")
-    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
-    temperature: float = param(0.2, "InfoNCE temperature.", low=1e-4)
-    momentum: float = param(0.999, "EMA momentum of the key encoder.", low=0.0, high=1.0)
-    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
 
 
 class MoCo(ContrastiveEncoderMethod):

@@ -66,8 +66,10 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import CNNConfig, PretrainMethod, param
-from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
+from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.contrastive import MoCoConfig, check_key_bn_groups, momentum_keys
+from rr_tf.methods.genesis import ACTIVATIONS, restoration_unet
+from rr_tf.methods.genesis import Config as GenesisConfig
 from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import register
@@ -77,22 +79,14 @@ from rr_tf.models.parts import UNetFeatures
 from rr_tf.models.unet3d import UNet3D
 
 TRANSFORM_DIM = 7  # 3 flip bits + one-hot of the rot90 multiple
-ACTIVATIONS = ("sigmoid", "linear")
 VOLUME_KEYS = ("view1", "view2", "target1", "target2", "aug_target1", "aug_target2")
 
 
 @dataclasses.dataclass
-class Config(CNNConfig):
+class Config(MoCoConfig):
     """PCRL hyper-parameters (defaults: the published ones)."""
 
-    output_activation: str = param("sigmoid", "Activation of the restoration head: sigmoid "
-                                   "(targets in [0, 1], as published) or linear.",
-                                   choices=ACTIVATIONS)
-    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
-    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
-    temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
-    momentum: float = param(0.999, "EMA momentum of the key / target encoder.", low=0.0, high=1.0)
-    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
+    output_activation: str = GenesisConfig.field("output_activation", "sigmoid")
     gate_hidden: int = param(256, "PCRL: hidden width of the transformation-gating MLP "
                              "(7 -> hidden -> bottleneck channels).", low=1)
     mixup_alpha: float = param(1.0, "PCRL: Beta(a, a) of the cross-model (alpha) and input "
@@ -177,10 +171,7 @@ class PCRL(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="pcrl", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=True, out_channels=1,
-                           final_activation=None if config.output_activation == "linear"
-                           else config.output_activation, name="unet")
+        self.unet = restoration_unet(config)
         # PCRL: fc1 (bottleneck -> 128), ReLU, fc2 (128 -> 128); no BN
         self.head = ProjectionHead(hidden_dim=config.proj_dim, out_dim=config.proj_dim,
                                    use_bn=False, name="embedding")
@@ -196,10 +187,7 @@ class PCRL(PretrainMethod):
 
     @staticmethod
     def check_config(config, run):
-        factor = 2 ** (config.levels - 1)
-        if any(c % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"the U-Net with {config.levels} levels needs "
-                              f"multiples of {factor}, got {run.crop_size}")
+        config.check_crop(run.crop_size)
         if run.crop_size[0] != run.crop_size[1]:
             raise ConfigError("crop_size", "PCRL rotates crops by 90 degrees in the (D, H) plane: "
                               f"D and H must be equal, got {run.crop_size}")

@@ -55,7 +55,6 @@ from rr_tf.models import rng
 from rr_tf.models.heads import PredictorHead, ReconstructionHead, global_pool
 from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, register
 from rr_tf.models.parts import CNNPyramid
-from rr_tf.models.unet3d import UNet3D
 
 # sizes of the global / local crops as multiples of the output size: with a
 # 64x64x32 crop these are the published 64..112 (globals) and 16..32 (locals)
@@ -149,8 +148,7 @@ class PCRLv2(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="pcrlv2", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=False, final_activation="sigmoid", name="unet3d")
+        self.unet = config.unet3d(skips=False, final_activation="sigmoid", name="unet3d")
         n = self.num_stages = config.levels - 1
         # decoder stage i (coarse to fine) is at stride 2**(n - 1 - i)
         self.stage_strides = [2 ** (n - 1 - i) for i in range(n)]
@@ -177,10 +175,8 @@ class PCRLv2(PretrainMethod):
         to ``run.train_steps`` (the resolved value is what the run stores)."""
         if config.levels < 2:
             raise ConfigError("levels", "PCRLv2 needs >= 2 levels (one decoder stage or more)")
+        config.check_crop(run.crop_size)
         factor = 2 ** (config.levels - 1)
-        if any(int(c) % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"must be multiples of {factor} ({config.levels} "
-                              f"UNet3D levels), got {tuple(run.crop_size)}")
         if config.local_size % factor:
             raise ConfigError("local_size", f"must be a multiple of {factor} ({config.levels} "
                               f"UNet3D levels), got {config.local_size}")

@@ -48,7 +48,6 @@ from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, register, with_channels
 from rr_tf.models.momentum import MomentumEncoder, batch_statistics
 from rr_tf.models.parts import CNNPyramid
-from rr_tf.models.unet3d import UNet3D
 
 
 @dataclasses.dataclass
@@ -173,8 +172,7 @@ class PGL(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="pgl", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=True, name="unet3d")
+        self.unet = config.unet3d(skips=True, name="unet3d")
         n = self.num_local_stages = min(int(config.local_stages), config.levels - 1)
         # decoder stage i (coarse to fine) is at stride 2**(levels - 2 - i)
         self.stage_strides = [2 ** (config.levels - 2 - i) for i in range(n)]
@@ -196,10 +194,7 @@ class PGL(PretrainMethod):
     def check_config(config, run):
         if config.levels < 2:
             raise ConfigError("levels", "PGL needs >= 2 levels (a decoder)")
-        factor = 2 ** (config.levels - 1)
-        if any(int(c) % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"must be multiples of {factor} ({config.levels} "
-                              f"UNet3D levels), got {tuple(run.crop_size)}")
+        config.check_crop(run.crop_size)
         if not 1 <= config.local_stages <= config.levels - 1:
             raise ConfigError("local_stages", f"must be in 1..{config.levels - 1} (decoder stages)")
         if config.local_loss not in ("cosine", "mse"):

@@ -30,8 +30,8 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import CNNConfig, PretrainMethod, param
-from rr_tf.methods.contrastive import (KEY_BN_HELP, SIMCLR_TEMPERATURE, ContrastiveBranch,
+from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.contrastive import (SIMCLR_TEMPERATURE, ContrastiveBranch, MoCoConfig,
                                        check_key_bn_groups)
 from rr_tf.methods.masking import global_random_masking, global_uniform
 from rr_tf.optim import optimizer_step
@@ -42,15 +42,9 @@ from rr_tf.models.parts import CNNPyramid, HybridFeatures
 
 
 @dataclasses.dataclass
-class Config(CNNConfig):
+class Config(MoCoConfig):
     """RepRec hyper-parameters (defaults: docs/methods.md; demo flagfiles shrink them)."""
 
-    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
-    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
-    temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
-    momentum: float = param(0.999, "EMA momentum of the key / target encoder.", low=0.0, high=1.0)
-    key_bn_groups: int = param(2, KEY_BN_HELP + " The recovery targets then use the statistics "
-                               "of the whole batch.", low=0)
     contrastive: str = param("moco", "Negatives from the queue (moco) or the global batch "
                              "(simclr, tau 0.1).", choices=("moco", "simclr"))
     mask_ratio: float = param(0.6, "Fraction of tokens (16^3 cells) masked.", low=0.0, high=0.95)
@@ -134,12 +128,6 @@ class RepRec(ContrastiveBranch, PretrainMethod):
             raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
         if not 0.0 < config.mask_ratio < 1.0:
             raise ConfigError("mask_ratio", "must be in (0, 1)")
-
-    @staticmethod
-    def example_batch(crop_size, batch_size=2):
-        """A zero batch with the structure ``train_step`` expects (to build)."""
-        shape = (batch_size,) + tuple(crop_size) + (1,)
-        return {"view1": tf.zeros(shape), "view2": tf.zeros(shape)}
 
     def build_for(self, batch):
         """Creates every variable (online nets, EMA copies, queue) from one batch."""

@@ -70,13 +70,7 @@ class UNetSegmenter(_Segmenter):
     def __init__(self, num_classes, base_width=32, levels=4, norm="batch", **kwargs):
         kwargs.setdefault("name", "unet_segmenter")
         super().__init__(**kwargs)
-        self.num_classes = _check_num_classes(num_classes)
-        self.base_width = _check_positive("base_width", base_width)
-        self.levels = _check_positive("levels", levels)
-        if self.levels < 2:
-            raise ConfigError("levels", f"must be >= 2, got {levels}")
-        _check_choice("norm", norm, NORMS)
-        self.norm_kind = norm
+        self._set_cnn_args(num_classes, base_width, levels, norm)
         self.divisor = 2 ** (self.levels - 1)
         self.unet = UNet3D(base_width=self.base_width, levels=self.levels, norm=norm, skips=True,
                            out_channels=self.num_classes, name="unet3d", dtype=self.dtype_policy)
@@ -161,22 +155,10 @@ class HybridSegmenter(_Segmenter):
                  decoder_width=None, **kwargs):
         kwargs.setdefault("name", "hybrid_segmenter")
         super().__init__(**kwargs)
-        self.num_classes = _check_num_classes(num_classes)
-        self.base_width = _check_positive("base_width", base_width)
-        self.levels = _check_positive("levels", levels)
-        if self.levels < 2:
-            raise ConfigError("levels", f"must be >= 2, got {levels}")
-        _check_choice("norm", norm, NORMS)
-        self.norm_kind = norm
+        self._set_cnn_args(num_classes, base_width, levels, norm)
         self.extra_channels = None if extra_channels is None else _check_positive(
             "extra_channels", extra_channels)
-        self.dim = _check_positive("dim", dim)
-        self.depth = _check_positive("depth", depth)
-        self.heads = _check_positive("heads", heads)
-        if self.dim % self.heads:
-            raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
-        self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
-        self.attention_dropout = float(attention_dropout)
+        self._set_transformer_args(dim, depth, heads, mlp_ratio, dropout, attention_dropout)
         self.decoder_width = _check_positive("decoder_width", decoder_width or 2 * self.base_width)
         dt = self.dtype_policy
         self.hybrid = SegmentationHybridEncoder(
@@ -203,9 +185,7 @@ class HybridSegmenter(_Segmenter):
         for up, s, c in zip(self.ups, reversed(self.skip_strides), reversed(self.skip_channels)):
             up.build(below, _at_stride(input_shape, s, c))
             below = _at_stride(input_shape, s, up.filters)
-        self.head.build(below)
-        self._record_encoder()
-        self.built = True
+        self._finish_build(below)
 
     def call(self, x, training=False):
         skips, fmap = self.hybrid.cnn_features(x, training=training)
@@ -276,13 +256,7 @@ class UNETRSegmenter(_Segmenter):
             raise ConfigError("patch_size", f"must be an isotropic power of two >= 2, got "
                               f"{patch_size!r}")
         self.patch_size = p
-        self.dim = _check_positive("dim", dim)
-        self.depth = _check_positive("depth", depth)
-        self.heads = _check_positive("heads", heads)
-        if self.dim % self.heads:
-            raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
-        self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
-        self.attention_dropout = float(attention_dropout)
+        self._set_transformer_args(dim, depth, heads, mlp_ratio, dropout, attention_dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.decoder_width = _check_positive("decoder_width", decoder_width)
         _check_choice("norm", norm, NORMS)
@@ -329,9 +303,7 @@ class UNETRSegmenter(_Segmenter):
             skip_c = self.decoder_width * s  # input_block (s = 1) and skip paths alike
             up.build(below, _at_stride(input_shape, s, skip_c))
             below = _at_stride(input_shape, s, up.filters)
-        self.head.build(below)
-        self._record_encoder()
-        self.built = True
+        self._finish_build(below)
 
     def call(self, x, training=False):
         tokens, grid = self.vit.embed(x)

@@ -26,7 +26,6 @@ from rr_tf.data import recipes
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
 from rr_tf.runs import source_method, source_parts
-from rr_tf import optim
 from rr_tf.training import loop
 from rr_tf.training.run_dir import RunDir
 from rr_tf.training.finetune_config import (  # noqa: F401  (re-exported)
@@ -263,9 +262,7 @@ def run_finetuning(config, log=None):
         else:
             task = SegmentationTask(segmenter, num_classes, config.class_weights,
                                     config.freeze_encoder_steps)
-        task.compile(optimizer=optim.build_optimizer(
-            config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
-            config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
+        task.compile(optimizer=config.build_optimizer(), jit_compile=jit)
         task.build_for(preview)
         if config.pretrained and config.load_weights and step0 == 0:
             report = load_pretrained(segmenter, config.pretrained, config.parts, spec,
@@ -299,11 +296,7 @@ def run_finetuning(config, log=None):
                        unlabelled_batch_size=config.unlabelled_batch_size or config.batch_size,
                        consistency_noise=config.consistency_noise)
     result = loop.train(task, dataset, run,
-                        loop.TrainConfig(train_steps=config.train_steps,
-                                         checkpoint_every=config.checkpoint_every,
-                                         keep_checkpoints=config.keep_checkpoints,
-                                         log_every=config.log_every, image_every=config.image_every,
-                                         global_batch_size=config.batch_size, verbose=config.verbose),
+                        config.train_config(),
                         preview_batch=preview, hparams=hparams, callbacks=extra)
     best = _read_best(os.path.join(run.path, "best"))
     if best is not None:

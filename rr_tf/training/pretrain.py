@@ -10,8 +10,6 @@ from rr_tf.data import records
 from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, shard_errors_named, view_dataset
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
-
-from rr_tf import optim
 from rr_tf.training import loop
 from rr_tf.training.probe import DEFAULT_EVERY, LinearProbe, ProbeCallback, ProbeConfig
 from rr_tf.training.settings import RunSettings
@@ -104,9 +102,7 @@ def run_pretraining(config, log=None):
     preview = next(iter(dataset))
     with strategy.scope():
         method = cls(method_config, seed=config.seed)
-        method.compile(optimizer=optim.build_optimizer(
-            config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
-            config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
+        method.compile(optimizer=config.build_optimizer(), jit_compile=jit)
         method.build_for(preview)
         if config.init_from and step0 == 0:
             report = method.init_from(config.init_from)
@@ -118,11 +114,7 @@ def run_pretraining(config, log=None):
                    learning_rate=config.learning_rate, optimizer=config.optimizer,
                    spec_hash=spec.hash)
     result = loop.train(method, dataset, run,
-                        loop.TrainConfig(train_steps=config.train_steps,
-                                         checkpoint_every=config.checkpoint_every,
-                                         keep_checkpoints=config.keep_checkpoints,
-                                         log_every=config.log_every, image_every=config.image_every,
-                                         global_batch_size=config.batch_size, verbose=config.verbose),
+                        config.train_config(),
                         preview_batch=preview, hparams=hparams,
                         callbacks=[probe] if probe else None)
     metrics = dict(result["metrics"], step=result["step"], spec_hash=spec.hash, method=config.method)

@@ -61,6 +61,24 @@ class RunSettings:
         keras.utils.set_random_seed(self.seed)
         return strategy, jit, step0
 
+    def build_optimizer(self):
+        """The run's optimizer and schedule (:func:`rr_tf.optim.build_optimizer`)."""
+        from rr_tf.optim import build_optimizer
+
+        return build_optimizer(self.optimizer, self.learning_rate, self.train_steps,
+                               self.weight_decay, self.warmup_steps,
+                               mixed_precision=self.mixed_precision)
+
+    def train_config(self):
+        """The training loop's settings of the run (checkpoints, logging)."""
+        from rr_tf.training import loop
+
+        return loop.TrainConfig(train_steps=self.train_steps,
+                                checkpoint_every=self.checkpoint_every,
+                                keep_checkpoints=self.keep_checkpoints,
+                                log_every=self.log_every, image_every=self.image_every,
+                                global_batch_size=self.batch_size, verbose=self.verbose)
+
     def run_dir_of_this_worker(self):
         """The RunDir of ``run_dir`` this process writes: the run directory
         itself, or in a multi-worker run for a worker other than the chief a
