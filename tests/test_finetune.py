@@ -23,6 +23,7 @@ from rr_tf.predict import SegmentationModel
 from rr_tf.data.records import read_manifest
 from rr_tf.training.finetune import (FinetuneConfig, choose_labeled, load_pretrained,
                                      parse_budget, run_finetuning, validation_cases)
+from method_harness import phantom_shards
 from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,10 +141,7 @@ def test_labels_come_back_on_the_input_grid(variant):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "shards"
-    result = prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=4,
-                                   phantom_shape=(48, 48, 48),
-                                   spec=PreprocessSpec(spacing=(8.0, 8.0, 8.0)), workers=1,
-                                   progress=False, val_fraction=0.25, seed=3), log=lambda m: None)
+    result = phantom_shards(out, 4, (48, 48, 48), (8.0, 8.0, 8.0), val_fraction=0.25, seed=3)
     assert result.ok
     return str(out)
 

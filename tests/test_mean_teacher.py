@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.records import read_manifest
-from rr_tf.data.spec import PreprocessSpec
 from rr_tf.errors import ConfigError
 from rr_tf.models.segmenters import UNetSegmenter, build_segmenter
 from rr_tf.training.finetune import (FinetuneConfig, choose_labeled,
@@ -22,6 +20,7 @@ from rr_tf.training.finetune import (FinetuneConfig, choose_labeled,
 from rr_tf.training.mean_teacher import (NOISE_CLIP, MeanTeacherTask, consistency_ramp, perturb,
                                          softmax_mse)
 from rr_tf.training.segmentation import SegmentationTask
+from method_harness import phantom_shards
 from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,10 +171,7 @@ def shards(tmp_path_factory):
     # three training cases, no validation case (a validation pass would add ~5 s per run;
     # the Validation callback is the supervised one, on the student)
     out = tmp_path_factory.mktemp("mt") / "shards"
-    result = prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=3,
-                                   phantom_shape=(48, 48, 48),
-                                   spec=PreprocessSpec(spacing=(8.0, 8.0, 8.0)), workers=1,
-                                   progress=False, val_fraction=0.0, seed=3), log=lambda m: None)
+    result = phantom_shards(out, 3, (48, 48, 48), (8.0, 8.0, 8.0), seed=3)
     assert result.ok
     return str(out)
 

@@ -16,7 +16,7 @@ from rr_tf.optim import build_optimizer
 from rr_tf.training.strategy import set_precision
 
 from test_methods_engine import shards  # noqa: F401  (its 2 small phantoms, a fixture)
-from test_reprec import TINY, _batch
+from method_harness import REPREC_TINY as TINY, reprec_batch as _batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
