@@ -190,7 +190,8 @@ def run_finetuning(config, log=None):
     src_parts = src_spec = None
     if config.pretrained:
         src_parts, src_spec = source_parts(config.pretrained, flag="pretrained")
-        kind = segmenters.kind_for_parts(src_parts) if config.segmenter == "auto" else config.segmenter
+        kind = (segmenters.kind_for_parts(src_parts) if config.segmenter == "auto"
+                else config.segmenter)
         args = dict(segmenters.architecture_from(src_parts, kind), **config.segmenter_args)
     else:
         kind = "unet" if config.segmenter == "auto" else config.segmenter
