@@ -253,7 +253,7 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
     import tensorflow as tf
     from rr_tf.data.pipeline import StreamConfig, view_dataset
     from rr_tf.methods import get_method
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
 
     cls = get_method(method_name)
     cfg = dataclasses.replace(cls.Config(), **overrides)
@@ -345,12 +345,12 @@ def _finetune_child(net, crop, batch, steps, data_dir, queue):
 
     from rr_tf.data import recipes
     from rr_tf.data.pipeline import StreamConfig, view_dataset
-    from rr_tf.training import finetune as ft
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.models.segmenters import build_segmenter
+    from rr_tf.optim import build_optimizer
     from rr_tf.training.segmentation import SegmentationTask
 
     keras.utils.set_random_seed(0)
-    task = SegmentationTask(ft.build_model("unet", 11, net), 11)
+    task = SegmentationTask(build_segmenter("unet", 11, **net), 11)
     task.compile(optimizer=build_optimizer("adamw", 1e-3, 1000), jit_compile=False)
     synthetic = {"image": tf.random.uniform((batch,) + crop + (1,)),
                  "label": tf.random.uniform((batch,) + crop, 0, 11, tf.int32)}
@@ -449,16 +449,15 @@ def write_section(path, mode, lines):
               f"Date: {datetime.date.today().isoformat()}", "",
               "| what | measured | target |", "|---|---|---|"]
     section = "\n".join(header + lines + [f"<!-- {mode}:end -->"])
+    from rr_tf.utils.files import atomic_write
+
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     begin, end = f"<!-- {mode}:begin -->", f"<!-- {mode}:end -->"
     if begin in text and end in text:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def main(argv):

@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from launch import flagutil  # noqa: E402
+from rr_tf.utils.files import atomic_write  # noqa: E402
 
 flagutil.quiet_tensorflow(__name__)
 
@@ -413,18 +414,6 @@ def make_figure(chosen, views, labels, names, warnings):
 
 
 # --- output ------------------------------------------------------------------
-
-def atomic_write(path, data):
-    """Writes bytes or text under a temporary name, then renames."""
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def _num(v):
     if isinstance(v, float):

@@ -31,7 +31,7 @@ def main(argv):
         flagutil.fail(__file__, f"unexpected arguments {argv[1:]}")
     from rr_tf.errors import RrTfError
     from rr_tf.export import export_method
-    from rr_tf.training.pretrain import load_trained
+    from rr_tf.runs import load_trained
     from rr_tf.training.run_dir import RunDir
 
     if not os.path.isdir(FLAGS.run_dir):

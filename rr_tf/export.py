@@ -22,6 +22,9 @@ import shutil
 import keras
 import tensorflow as tf
 
+from rr_tf.runs import PARTS_NAME, SPEC_NAME
+from rr_tf.utils.files import atomic_write, atomic_write_json
+
 
 class _Serving(tf.Module):
     def __init__(self, model, spec, spec_path):
@@ -59,10 +62,8 @@ def export_model(model, export_dir, name, spec, sample=None):
     tmp = os.path.join(export_dir, f".{name}.tmp-{os.getpid()}.keras")
     model.save(tmp)
     os.replace(tmp, keras_path)
-    spec_path = os.path.join(export_dir, "preprocess.json")
-    with open(spec_path + ".tmp", "w") as f:
-        f.write(spec.to_json() + "\n")
-    os.replace(spec_path + ".tmp", spec_path)
+    spec_path = os.path.join(export_dir, SPEC_NAME)
+    atomic_write(spec_path, spec.to_json() + "\n")
     saved = os.path.join(export_dir, name)
     tmp_dir = os.path.join(export_dir, f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -83,8 +84,7 @@ def export_method(method, export_dir, spec, sample=None):
     info = {name: {"keras": os.path.basename(k), "saved_model": os.path.basename(s)}
             for name, (k, s) in paths.items()}
     info["spec_hash"] = spec.hash
-    with open(os.path.join(export_dir, "parts.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    atomic_write(os.path.join(export_dir, PARTS_NAME), json.dumps(info, indent=1))
     return paths
 
 
@@ -144,17 +144,12 @@ def export_segmenter(model, export_dir, spec, window, overlap=0.5, sample=None,
     tmp = os.path.join(export_dir, f".segmenter.tmp-{os.getpid()}.keras")
     model.save(tmp)
     os.replace(tmp, keras_path)
-    spec_path = os.path.join(export_dir, "preprocess.json")
-    with open(spec_path + ".tmp", "w") as f:
-        f.write(spec.to_json() + "\n")
-    os.replace(spec_path + ".tmp", spec_path)
-    with open(os.path.join(export_dir, "segmenter.json") + ".tmp", "w") as f:
-        json.dump({"window": list(window), "overlap": overlap, "num_classes": model.num_classes,
-                   "spec_hash": spec.hash,
-                   "largest_component": [int(c) for c in largest_component],
-                   "label_names": names}, f, indent=1)
-    os.replace(os.path.join(export_dir, "segmenter.json") + ".tmp",
-               os.path.join(export_dir, "segmenter.json"))
+    spec_path = os.path.join(export_dir, SPEC_NAME)
+    atomic_write(spec_path, spec.to_json() + "\n")
+    atomic_write_json(os.path.join(export_dir, "segmenter.json"), {
+        "window": list(window), "overlap": overlap, "num_classes": model.num_classes,
+        "spec_hash": spec.hash, "largest_component": [int(c) for c in largest_component],
+        "label_names": names})
     saved = os.path.join(export_dir, "segmenter")
     tmp_dir = os.path.join(export_dir, f".segmenter.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -4,7 +4,7 @@ Every function casts its inputs to float32 first, so callers running under a
 ``mixed_float16`` / ``mixed_bfloat16`` policy can pass half-precision
 activations directly. All functions are backend-agnostic (``keras.ops``);
 anything that needs ``tf.distribute`` (gathering across replicas, the row
-offset of this replica) lives in :mod:`rr_tf.models.momentum`.
+offset of this replica) lives in :mod:`rr_tf.distribute`.
 
 Contrastive losses return ``(loss, logits)`` where ``logits[:, 0]`` is the
 positive and the remaining columns are negatives, so
@@ -112,7 +112,7 @@ def nt_xent_global(z1_local, z2_local, z1_all, z2_all, replica_offset=0,
 
     How a caller uses it under ``tf.distribute`` (inside ``strategy.run``)::
 
-        from rr_tf.models.momentum import gather_from_replicas, replica_row_offset
+        from rr_tf.distribute import gather_from_replicas, replica_row_offset
         z1_all = gather_from_replicas(z1)        # differentiable all_gather
         z2_all = gather_from_replicas(z2)
         offset = replica_row_offset(z1)          # rows before this replica
@@ -244,7 +244,7 @@ def soft_dice_loss(logits, labels, num_classes, smooth=1e-5,
     prediction and the labels scores 1. ``include_background=False`` drops
     class 0 from the mean. ``reduce_sums`` is applied to the per-class sums
     before the ratio: under tf.distribute pass
-    :func:`rr_tf.models.momentum.sum_over_replicas` so that the batch is the
+    :func:`rr_tf.distribute.sum_over_replicas` so that the batch is the
     global one (as nnU-Net's DDP batch Dice), not each replica's share.
     """
     logits = _f32(logits)

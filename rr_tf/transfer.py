@@ -1,5 +1,7 @@
 """Moving weights between models: pre-training -> pre-training (HPT,
-``--init_from``) and pre-training -> fine-tuning (``load_pretrained``).
+``--init_from``) and pre-training -> fine-tuning (``load_pretrained``): the
+matching of variables and its report. Reading the source (a run directory,
+an export, a ``.keras`` file) into parts is :mod:`rr_tf.runs`'.
 
 Both sides present their transferable networks as *parts*: a dict
 ``{part name: keras layer}`` from ``transfer_parts()`` (methods, the export
@@ -19,11 +21,11 @@ when part, key and shape agree; everything else is reported.
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 
 from rr_tf.errors import ConfigError
+from rr_tf.utils.files import atomic_write
 
 
 def variables_by_key(layer):
@@ -60,10 +62,7 @@ class TransferReport:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     def save(self, path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_json() + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, self.to_json() + "\n")
 
 
 def transfer(dst_parts, src_parts, source="source", parts=None, flag="init_from"):
@@ -106,47 +105,3 @@ def transfer(dst_parts, src_parts, source="source", parts=None, flag="init_from"
                           f"{sorted(dst_parts)}, source parts {sorted(src_parts)}; "
                           f"{len(report.shape_mismatch)} shape mismatches)")
     return report
-
-
-def source_parts(path, flag="init_from"):
-    """(parts dict, spec or None) of a pre-training run directory, an export
-    directory (``parts.json``), or one exported ``.keras`` file; ConfigError
-    naming ``flag`` when ``path`` is none of them."""
-    import keras
-
-    import rr_tf.models  # noqa: F401  (registers the classes)
-    import rr_tf.models.parts  # noqa: F401
-
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "run.json")):
-        from rr_tf.training.pretrain import load_trained
-
-        method, spec = load_trained(path)
-        return method.transfer_parts(), spec
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "parts.json")):
-        with open(os.path.join(path, "parts.json")) as f:
-            info = json.load(f)
-        parts = {}
-        for name, entry in info.items():
-            if isinstance(entry, dict) and "keras" in entry:
-                parts.update(_parts_of(keras.saving.load_model(os.path.join(path, entry["keras"]))))
-        return parts, _spec_next_to(path)
-    if os.path.isfile(path) and path.endswith(".keras"):
-        return _parts_of(keras.saving.load_model(path)), _spec_next_to(os.path.dirname(path))
-    raise ConfigError(flag, f"{path}: not a pre-training run directory (run.json), an "
-                      "export directory (parts.json) or a .keras file")
-
-
-def _parts_of(model):
-    if hasattr(model, "transfer_parts"):
-        return model.transfer_parts()
-    return {model.name: model}
-
-
-def _spec_next_to(directory):
-    from rr_tf.data.spec import PreprocessSpec
-
-    path = os.path.join(directory, "preprocess.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return PreprocessSpec.from_json(f.read())

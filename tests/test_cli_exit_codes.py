@@ -32,13 +32,10 @@ def one_line(res, needle):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from rr_tf.data.prepare import PrepareConfig, prepare
-    from rr_tf.data.spec import PreprocessSpec
+    from method_harness import phantom_shards
 
     out = tmp_path_factory.mktemp("exit") / "shards"
-    prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=2,
-                          phantom_shape=(32, 32, 32), spec=PreprocessSpec(spacing=(12, 12, 12)),
-                          workers=1, progress=False, val_fraction=0.0), log=lambda m: None)
+    phantom_shards(out, 2, (32, 32, 32), (12, 12, 12))
     return out
 
 

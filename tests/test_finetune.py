@@ -23,6 +23,7 @@ from rr_tf.predict import SegmentationModel
 from rr_tf.data.records import read_manifest
 from rr_tf.training.finetune import (FinetuneConfig, choose_labeled, load_pretrained,
                                      parse_budget, run_finetuning, validation_cases)
+from method_harness import phantom_shards
 from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,10 +141,7 @@ def test_labels_come_back_on_the_input_grid(variant):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "shards"
-    result = prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=4,
-                                   phantom_shape=(48, 48, 48),
-                                   spec=PreprocessSpec(spacing=(8.0, 8.0, 8.0)), workers=1,
-                                   progress=False, val_fraction=0.25, seed=3), log=lambda m: None)
+    result = phantom_shards(out, 4, (48, 48, 48), (8.0, 8.0, 8.0), val_fraction=0.25, seed=3)
     assert result.ok
     return str(out)
 
@@ -425,7 +423,7 @@ def test_finetune_under_a_read_time_normalisation_exports_and_refuses_it(shards,
 
 
 def test_nnunet_sgd_is_nesterov_099_with_polynomial_decay():
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
 
     opt = build_optimizer("nnunet_sgd", 1e-2, 100, weight_decay=3e-5)
     assert isinstance(opt, keras.optimizers.SGD) and opt.nesterov and opt.momentum == 0.99
@@ -467,9 +465,9 @@ def test_a_wrong_pretrained_source_names_the_flag_and_writes_nothing(shards, tmp
 def _finetune_two_steps(shards, jit):
     from rr_tf.data import recipes
     from rr_tf.data.pipeline import StreamConfig, view_dataset
-    from rr_tf.training.finetune import build_model
+    from rr_tf.models.segmenters import build_segmenter
     from rr_tf.training.loop import device_batches
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
     from rr_tf.training.segmentation import SegmentationTask
 
     keras.utils.set_random_seed(0)
@@ -478,7 +476,7 @@ def _finetune_two_steps(shards, jit):
     ds, _ = view_dataset(shards, "train", recipe, StreamConfig(batch_size=2, crops_per_volume=2,
                                                                seed=5), labelled=True)
     assert ds.element_spec["case_id"].dtype.name == "string"  # stripped before the step
-    task = SegmentationTask(build_model("unet", 11, {"base_width": 2, "levels": 3}), 11)
+    task = SegmentationTask(build_segmenter("unet", 11, base_width=2, levels=3), 11)
     task.compile(optimizer=build_optimizer("sgd", 1e-2, 10), jit_compile=jit)
     preview = next(iter(ds))
     task.build_for(preview)

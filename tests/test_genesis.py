@@ -12,9 +12,9 @@ from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.genesis import Config, ModelsGenesis
 from rr_tf.models.parts import UNetFeatures
-from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
 from rr_tf.transfer import transfer
+from method_harness import build_method, uniform_views
 
 VOLUME = tf.cast(tf.random.stateless_uniform([60, 56, 40, 1], [4, 2], -1000, 1000, tf.int32), tf.int16)
 CROP = (32, 32, 20)
@@ -101,15 +101,11 @@ def test_out_painting_keeps_inner_boxes_and_fills_the_rest():
 
 
 def _batch(b=2, shape=(16, 16, 16), seed=0):
-    g = tf.random.Generator.from_seed(seed)
-    return {"input": g.uniform((b,) + shape + (1,)), "target": g.uniform((b,) + shape + (1,))}
+    return uniform_views(("input", "target"), b, shape, seed)
 
 
 def _method(config=TINY):
-    m = ModelsGenesis(config, seed=1)
-    m.compile(optimizer=build_optimizer("sgd", 0.1, 100), jit_compile=False)
-    m.build_for(_batch())
-    return m
+    return build_method(ModelsGenesis, config, _batch(), seed=1, optimizer=("sgd", 0.1, 100))
 
 
 def test_loss_is_the_mse_of_the_restoration():

@@ -17,7 +17,7 @@ from rr_tf.methods import get_method
 from rr_tf.methods.mae import MAE, Config, masked_crop
 from rr_tf.methods.masking import global_random_masking
 from rr_tf.models.vit3d import unpatchify
-from rr_tf.training.optim import build_optimizer
+from method_harness import build_method
 from rr_tf.training.pretrain import PretrainConfig
 from subproc import run_logged
 
@@ -30,10 +30,7 @@ def _volume(b=2, shape=(32, 32, 16), seed=0):
 
 
 def _method(config=TINY, shape=(32, 32, 16)):
-    m = MAE(config, seed=5)
-    m.compile(optimizer=build_optimizer("adamw", 1e-3, 100), jit_compile=False)
-    m.build_for({"image": _volume(shape=shape)})
-    return m
+    return build_method(MAE, config, {"image": _volume(shape=shape)}, seed=5)
 
 
 def test_masking_ratio_is_exact_per_sample():

@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.records import read_manifest
-from rr_tf.data.spec import PreprocessSpec
 from rr_tf.errors import ConfigError
-from rr_tf.models.segmenters import UNetSegmenter
-from rr_tf.training.finetune import (FinetuneConfig, build_model, choose_labeled,
+from rr_tf.models.segmenters import UNetSegmenter, build_segmenter
+from rr_tf.training.finetune import (FinetuneConfig, choose_labeled,
                                      num_classes_of,
                                      run_finetuning, unlabelled_cases, unlabelled_stream)
 from rr_tf.training.mean_teacher import (NOISE_CLIP, MeanTeacherTask, consistency_ramp, perturb,
                                          softmax_mse)
 from rr_tf.training.segmentation import SegmentationTask
+from method_harness import phantom_shards
 from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,10 +171,7 @@ def shards(tmp_path_factory):
     # three training cases, no validation case (a validation pass would add ~5 s per run;
     # the Validation callback is the supervised one, on the student)
     out = tmp_path_factory.mktemp("mt") / "shards"
-    result = prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=3,
-                                   phantom_shape=(48, 48, 48),
-                                   spec=PreprocessSpec(spacing=(8.0, 8.0, 8.0)), workers=1,
-                                   progress=False, val_fraction=0.0, seed=3), log=lambda m: None)
+    result = phantom_shards(out, 3, (48, 48, 48), (8.0, 8.0, 8.0), seed=3)
     assert result.ok
     return str(out)
 
@@ -227,14 +223,14 @@ def test_mean_teacher_finetuning_resumes_with_its_teacher(shards, tmp_path):
     assert len(labelled) == 1 and unlabelled and not set(labelled) & set(unlabelled)
 
     # the checkpoint holds the teacher: it comes back different from the student
-    from rr_tf.training import loop
+    from rr_tf import checkpoints
 
     classes = num_classes_of(read_manifest(shards))
-    segmenter = build_model("unet", classes, {"base_width": 2, "levels": 3})
+    segmenter = build_segmenter("unet", classes, base_width=2, levels=3)
     task = MeanTeacherTask(segmenter, classes)
     task.compile(optimizer=keras.optimizers.AdamW(1e-3))
     task.build_for({"image": np.zeros((1, 16, 16, 16, 1), np.float32)})
-    assert loop.restore_weights(task, str(run / "checkpoints")).endswith("-2")
+    assert checkpoints.restore_weights(task, str(run / "checkpoints")).endswith("-2")
     diffs = [np.abs(t.numpy() - s.numpy()).max()
              for t, s in zip(task.teacher.target.weights, segmenter.weights)]
     assert max(diffs) > 0  # EMA lag (a teacher re-made from the student would equal it)

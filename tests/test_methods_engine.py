@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from launch.flagutil import flagfile_config
 from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.spec import PreprocessSpec
-from rr_tf.methods import get_method, method_names
+from rr_tf.methods import method_names
 from rr_tf.training.pretrain import PretrainConfig, run_pretraining
+from method_harness import demo_config, phantom_shards, wait_for_checkpoint
 from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,27 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("methods") / "shards"
-    prepare(PrepareConfig(source="phantom", output_dir=str(out), num_cases=2,
-                          phantom_shape=(64, 64, 64), spec=PreprocessSpec(spacing=(4.0, 4.0, 4.0)),
-                          workers=1, progress=False, val_fraction=0.0), log=lambda m: None)
+    phantom_shards(out, 2, (64, 64, 64), (4.0, 4.0, 4.0))
     return str(out)
 
 
 def _tiny(name):
-    cls = get_method(name)
-    demo = "demo.flags" if name == "reprec" else f"demo_{name}.flags"
-    values, crop = flagfile_config(os.path.join(ROOT, "configs", demo), cls.Config)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    if "base_width" in fields:
-        values["base_width"] = 2
-    if "queue_size" in fields:
-        values["queue_size"] = 8
-    if "key_bn_groups" in fields:
-        values["key_bn_groups"] = 1  # batch 2: one BatchNorm group of keys
-    if "mid_decay_steps" in fields:
-        values["mid_decay_steps"] = 10  # PCRLv2: resolved from the run when driven by the engine
-    crop = (32, 32, crop[2] if crop[2] < 16 else 32)  # multitask: X, Y, slices
-    return cls, cls.Config(**values), crop
+    # PCRLv2's mid_decay_steps: resolved from the run when driven by the engine
+    return demo_config(name, mid_decay_steps=10)
 
 
 def test_every_method_has_both_flagfiles():
@@ -59,7 +45,7 @@ def test_method_trains_resumes_and_exports(name, shards, tmp_path):
     import keras
 
     import rr_tf.models  # noqa: F401
-    from rr_tf.transfer import source_parts
+    from rr_tf.runs import source_parts
 
     cls, config, crop = _tiny(name)
     run = PretrainConfig(method=name, data_dir=shards, run_dir=str(tmp_path / "run"),
@@ -106,11 +92,7 @@ def test_method_resumes_after_sigkill(name, shards, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not (run_dir / "checkpoints" / "ckpt-2.index").exists():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < deadline, "no checkpoint within 600 s"
-        time.sleep(0.2)
+    wait_for_checkpoint(proc, run_dir, 2, 600)
     time.sleep(1.0)  # inside a later step (or a later save)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -151,7 +133,7 @@ def _two_steps(cls, config, crop, shards, jit):
 
     from rr_tf.data.pipeline import StreamConfig, view_dataset
     from rr_tf.training.loop import device_batches
-    from rr_tf.training.optim import build_optimizer
+    from rr_tf.optim import build_optimizer
 
     keras.utils.set_random_seed(0)  # before the stream: its reshuffling draws from the global seed
     dataset, _ = view_dataset(shards, "train", cls.recipe(config, crop),

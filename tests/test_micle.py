@@ -15,7 +15,7 @@ from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod
 from rr_tf.training.pretrain import PretrainConfig, run_pretraining
 
-from test_reprec import TINY
+from method_harness import REPREC_TINY as TINY
 
 
 @pytest.fixture(scope="module")

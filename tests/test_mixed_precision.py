@@ -12,11 +12,11 @@ import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 from rr_tf.methods.reprec import RepRec
-from rr_tf.training.optim import build_optimizer
+from rr_tf.optim import build_optimizer
 from rr_tf.training.strategy import set_precision
 
 from test_methods_engine import shards  # noqa: F401  (its 2 small phantoms, a fixture)
-from test_reprec import TINY, _batch
+from method_harness import REPREC_TINY as TINY, reprec_batch as _batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,7 +119,7 @@ def _methods_run(policy, names, shards):
         _check_low_precision(name, m, history, low, state0)
     # fine-tuning: the segmentation task on a labelled stream
     from rr_tf.data import recipes
-    from rr_tf.training.finetune import build_model
+    from rr_tf.models.segmenters import build_segmenter
     from rr_tf.training.segmentation import SegmentationTask
 
     keras.utils.set_random_seed(0)
@@ -127,7 +127,7 @@ def _methods_run(policy, names, shards):
                                     tissue_shift_hu=100.0)
     ds, _ = view_dataset(shards, "train", recipe, StreamConfig(batch_size=2, crops_per_volume=2,
                                                                seed=5), labelled=True)
-    task = SegmentationTask(build_model("unet", 11, {"base_width": 2, "levels": 3}), 11)
+    task = SegmentationTask(build_segmenter("unet", 11, base_width=2, levels=3), 11)
     task.compile(optimizer=build_optimizer("adamw", 1e-3, 10, mixed_precision=low),
                  jit_compile=False)
     task.build_for(next(iter(ds)))

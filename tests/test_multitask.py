@@ -11,8 +11,8 @@ import tensorflow as tf
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.multitask import Config, SequentialMultiTask, global_average
-from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
+from method_harness import build_method, watching
 
 TINY = Config(base_width=2, levels=3, queue_size=8, proj_dim=8, momentum=0.5,
               key_bn_groups=1)  # small batches: one BatchNorm group of keys
@@ -33,10 +33,7 @@ def _batch(b=2, crop=CROP, seed=0):
 
 
 def _method(config=TINY, batch=None):
-    m = SequentialMultiTask(config, seed=3)
-    m.compile(optimizer=build_optimizer("adamw", 1e-3, 100), jit_compile=False)
-    m.build_for(batch or _batch())
-    return m
+    return build_method(SequentialMultiTask, config, batch or _batch())
 
 
 # ---------------------------------------------------------------- recipe
@@ -108,8 +105,7 @@ def test_each_head_gets_gradient_only_from_its_own_term():
     m = _method()
     b = _batch()
     frozen = m.unet_ema.target.weights + m.proj_ema.target.weights + m.queue.weights
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([w.value for w in frozen])
+    with watching(frozen) as tape:
         emb = m.embed(b["slab1"], True)
         terms = {"contrast": m.contrastive_term(emb, b["slab2"], True)[0],
                  "position": m.position_term(emb, b["position1"], True)[0],

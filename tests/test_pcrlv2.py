@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 from rr_tf.methods.pcrlv2 import (PCRLv2, Config, mid_stage_weight, pair_loss, stage_choices)
-from rr_tf.training.optim import build_optimizer
 from rr_tf.training.pretrain import PretrainConfig
+from method_harness import build_method, uniform_views
 
 TINY = Config(base_width=2, levels=4, num_local=1, local_size=8, mid_decay_steps=100)
 GLOBAL = (16, 16, 8)
@@ -20,9 +20,8 @@ GLOBAL = (16, 16, 8)
 
 def _batch(b=2, seed=0, num_local=1):
     g = tf.random.Generator.from_seed(seed)
-    vol = lambda: g.uniform((b,) + GLOBAL + (1,))  # noqa: E731
     box = tf.constant([[[0, 0, 0], [16, 16, 8]]] * b)
-    return {"global1": vol(), "global2": vol(), "target1": vol(), "target2": vol(),
+    return {**uniform_views(("global1", "global2", "target1", "target2"), b, GLOBAL, generator=g),
             "locals": g.uniform((b, num_local, 8, 8, 8, 1)), "box1": box,
             "box2": box + tf.constant([[[4, 2, 0], [4, 4, 4]]]),
             "local_boxes": tf.constant([[[[2, 2, 1], [8, 8, 8]]] * num_local] * b)}
@@ -30,10 +29,8 @@ def _batch(b=2, seed=0, num_local=1):
 
 def _method(config=TINY, seed=3):
     keras.utils.set_random_seed(1)  # the same initial weights every time
-    m = PCRLv2(config, seed=seed)
-    m.compile(optimizer=build_optimizer("sgd", 1e-3, 100), jit_compile=False)
-    m.build_for(_batch(num_local=config.num_local))
-    return m
+    return build_method(PCRLv2, config, _batch(num_local=config.num_local), seed=seed,
+                        optimizer=("sgd", 1e-3, 100))
 
 
 def test_stage_choice_is_stateless_and_covers_all_stages():

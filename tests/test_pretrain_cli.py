@@ -13,6 +13,7 @@ import pytest
 
 from rr_tf.data.prepare import PrepareConfig, prepare
 from rr_tf.data.spec import PreprocessSpec
+from method_harness import wait_for_checkpoint
 from subproc import run_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,11 +42,7 @@ def test_sigkill_resume_finish_and_export(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(data_dir, run_dir), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "ckpt-3.index").exists():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
+    wait_for_checkpoint(proc, run_dir, 3, 300)
     time.sleep(1.0)  # somewhere inside a later step (or a later save)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -3,7 +3,6 @@ that the features encode linearly and not random ones, its callback writes
 its scalars, it runs on every method's transferable encoder and inside a
 tiny pre-training."""
 
-import dataclasses
 import json
 import os
 
@@ -120,24 +119,15 @@ def test_callback_writes_scalars_json_and_metrics(tmp_path):
 
 
 def _tiny_method(name):
-    from launch.flagutil import flagfile_config
-    from rr_tf.methods import get_method
+    from method_harness import demo_config
 
-    cls = get_method(name)
-    demo = "demo.flags" if name == "reprec" else f"demo_{name}.flags"
-    values, crop = flagfile_config(os.path.join(ROOT, "configs", demo), cls.Config)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    for field, value in (("base_width", 2), ("queue_size", 8), ("key_bn_groups", 1)):
-        if field in fields:
-            values[field] = value
-    crop = (32, 32, crop[2] if crop[2] < 16 else 32)
-    return cls, cls.Config(**values), crop
+    return demo_config(name)
 
 
 @pytest.mark.parametrize("name", ["reprec", "mae", "multitask", "genesis", "pcrl", "pcrlv2",
                                   "pgl", "moco", "simclr"])
 def test_probe_runs_on_every_methods_transferable_encoder(name):
-    from rr_tf.training import optim
+    from rr_tf import optim
 
     cls, config, crop = _tiny_method(name)
     method = cls(config, seed=0)

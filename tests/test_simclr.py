@@ -9,11 +9,10 @@ import os
 import sys
 
 import numpy as np
-import tensorflow as tf
 
 from rr_tf.methods import get_method
 from rr_tf.methods.simclr import Config, SimCLR
-from rr_tf.training.optim import build_optimizer
+from method_harness import build_method, uniform_views
 from subproc import run_logged
 
 TINY = Config(base_width=2, proj_dim=8, proj_hidden_dim=8)
@@ -21,15 +20,11 @@ SHAPE = (16, 16, 16)
 
 
 def _batch(b=3, seed=0):
-    g = tf.random.Generator.from_seed(seed)
-    return {"view1": g.uniform((b,) + SHAPE + (1,)), "view2": g.uniform((b,) + SHAPE + (1,))}
+    return uniform_views(("view1", "view2"), b, SHAPE, seed)
 
 
 def _method(config=TINY):
-    m = SimCLR(config, seed=0)
-    m.compile(optimizer=build_optimizer("adamw", 1e-3, 100), jit_compile=False)
-    m.build_for(_batch())
-    return m
+    return build_method(SimCLR, config, _batch(), seed=0)
 
 
 def _nt_xent_by_hand(z1, z2, tau):

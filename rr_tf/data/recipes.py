@@ -17,6 +17,18 @@ from rr_tf.data.options import PATCH_SAMPLING
 BODY_THRESHOLD_HU = -500
 
 
+def _scaled_sizes(crop_size, scales):
+    """The crop sizes ``crop_size`` x each of ``scales`` (global-view pairs)."""
+    return [[int(round(c * f)) for c in crop_size] for f in scales]
+
+
+def _global_pair(image, sizes, min_iou, seed, out_size, to_unit):
+    """Two overlapping crops (sizes from ``sizes``, IoU >= ``min_iou``)
+    resized to ``out_size`` in network units, stacked, and their boxes."""
+    b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, seed)
+    return tf.stack([_crop_unit(image, b, out_size, to_unit) for b in (b1, b2)]), b1, b2
+
+
 def _crop_unit(image, box, out_size, to_unit):
     """Crop (HU) -> network units -> resize to ``out_size``."""
     return views.crop_resize(image, box, out_size, pad_value=views.PAD_HU, scale=to_unit)
@@ -278,9 +290,8 @@ def pcrlv2_views(global_out=(64, 64, 32), local_out=(16, 16, 16), num_local=6, m
 
     def fn(image, seed, to_unit):
         s = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
-        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], global_sizes, min_iou, s[0])
+        globs, b1, b2 = _global_pair(image, global_sizes, min_iou, s[0], global_out, to_unit)
         lboxes = views.local_boxes(views.union_box(b1, b2), num_local, local_sizes, s[1])
-        globs = tf.stack([_crop_unit(image, b, global_out, to_unit) for b in (b1, b2)])
         targets = _spatial(globs, s[2], spatial_affine)
         globs = _intensity(targets, s[3], swap=True, p=1.0, znorm=True)
         locs = tf.stack([_crop_unit(image, lboxes[j], local_out, to_unit) for j in range(num_local)])
@@ -300,12 +311,11 @@ def contrastive_pair(crop_size, out_size=None, min_iou=0.3, scales=(1.0, 1.25, 1
     spatial and intensity augmentation. Boxes are returned."""
     crop_size = tuple(int(c) for c in crop_size)
     out_size = tuple(out_size or crop_size)
-    sizes = [[int(round(c * f)) for c in crop_size] for f in scales]
+    sizes = _scaled_sizes(crop_size, scales)
 
     def fn(image, seed, to_unit):
         s = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
-        pair = tf.stack([_crop_unit(image, b, out_size, to_unit) for b in (b1, b2)])
+        pair, b1, b2 = _global_pair(image, sizes, min_iou, s[0], out_size, to_unit)
         pair = _intensity(_spatial(pair, s[1], spatial_affine), s[2], swap=False)
         return {"box1": b1, "box2": b2, "view1": pair[0], "view2": pair[1]}
 
@@ -334,12 +344,11 @@ def pgl_pair(crop_size, min_iou=0.3, scales=(1.0, 1.25, 1.5), intensity=True):
     each view. No affine and no patch swap: both would break the exact
     voxel correspondence the local consistency loss relies on."""
     crop_size = tuple(int(c) for c in crop_size)
-    sizes = [[int(round(c * f)) for c in crop_size] for f in scales]
+    sizes = _scaled_sizes(crop_size, scales)
 
     def fn(image, seed, to_unit):
         s = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
-        pair = tf.stack([_crop_unit(image, b, crop_size, to_unit) for b in (b1, b2)])
+        pair, b1, b2 = _global_pair(image, sizes, min_iou, s[0], crop_size, to_unit)
         pair, flips = _flip_xla(pair, tf.random.experimental.stateless_split(s[1], 2))
         if intensity:
             pair = _intensity(pair, s[2], swap=False)
@@ -502,12 +511,11 @@ def pcrl_views(crop_size, min_iou=0.3, scales=(1.0, 1.25, 1.5), shuffle_p=0.5, p
     (:func:`pcrl_transform`) and ``aug_target{i}`` the target transformed by
     it: what the decoder conditioned on ``aug{i}`` must output."""
     crop_size = tuple(int(c) for c in crop_size)
-    sizes = [[int(round(c * f)) for c in crop_size] for f in scales]
+    sizes = _scaled_sizes(crop_size, scales)
 
     def fn(image, seed, to_unit):
         s = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-        b1, b2 = views.global_pair_boxes(tf.shape(image)[:3], sizes, min_iou, s[0])
-        pair = tf.stack([_crop_unit(image, b, crop_size, to_unit) for b in (b1, b2)])
+        pair, b1, b2 = _global_pair(image, sizes, min_iou, s[0], crop_size, to_unit)
         clean = _spatial(pair, s[1], spatial_affine)
         blurred = _blur_xla(clean, tf.random.experimental.stateless_split(s[2], 2), 1.0)
         s_corrupt = tf.random.experimental.stateless_split(s[3], 2)

@@ -2,7 +2,7 @@
 
 ``get_method(name)`` returns the method class; each class has a ``Config``
 dataclass (defaults = the published hyper-parameters, see
-``../shared/docs/methods.md``) and builds from it: ``cls(config)``.
+``docs/methods.md``) and builds from it: ``cls(config)``.
 """
 
 import importlib

@@ -6,8 +6,9 @@ import dataclasses
 
 import keras
 
-from rr_tf.training import optim
-from rr_tf.training.strategy import DistributedFitMixin
+from rr_tf import optim
+from rr_tf.distribute import DistributedFitMixin
+from rr_tf.models.layers import NORMS
 
 
 def param(default, help, choices=None, low=None, high=None):
@@ -18,6 +19,54 @@ def param(default, help, choices=None, low=None, high=None):
     if isinstance(default, (list, tuple)):
         return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def zero_volumes(crop_size, batch_size, keys):
+    """{key: zeros [batch_size, *crop_size, 1] float32}: the volume entries
+    of a method's ``example_batch``."""
+    import tensorflow as tf
+
+    shape = (batch_size,) + tuple(crop_size) + (1,)
+    return {k: tf.zeros(shape) for k in keys}
+
+
+@dataclasses.dataclass
+class CNNConfig:
+    """The convolutional network's fields, declared once for every method
+    whose network is a U-Net (UNet3D; UNet2D for the sequential multi-task
+    method): each method's ``Config`` extends it, so these come first, are
+    one flag each and have one help text. A method with another published
+    default re-declares the field with :meth:`field` (same help and checks)."""
+
+    base_width: int = param(32, "U-Net base width (channels of the first level).", low=1)
+    levels: int = param(4, "U-Net encoder levels: the bottleneck is at stride 2**(levels-1) and "
+                        "the decoder has levels - 1 stages (RepRec adds one stride-2 stage).",
+                        low=2)
+    norm: str = param("batch", "CNN normalisation (sync_batch: statistics over the global batch "
+                      "under tf.distribute).", choices=NORMS)
+
+    def unet3d(self, **kwargs):
+        """A UNet3D with these ``base_width``, ``levels`` and ``norm``
+        (``kwargs``: its other arguments)."""
+        from rr_tf.models.unet3d import UNet3D
+
+        return UNet3D(base_width=self.base_width, levels=self.levels, norm=self.norm, **kwargs)
+
+    def check_crop(self, crop_size):
+        """ConfigError naming ``crop_size`` unless every axis is a multiple
+        of the U-Net's largest stride, 2**(levels-1)."""
+        from rr_tf.errors import ConfigError
+
+        factor = 2 ** (self.levels - 1)
+        if any(int(c) % factor for c in crop_size):
+            raise ConfigError("crop_size", f"must be multiples of {factor} ({self.levels} "
+                              f"U-Net levels), got {tuple(crop_size)}")
+
+    @classmethod
+    def field(cls, name, default):
+        """The field ``name`` as declared here (help, choices, bounds) with
+        another default."""
+        return dataclasses.field(default=default, metadata=cls.__dataclass_fields__[name].metadata)
 
 
 class PretrainMethod(DistributedFitMixin, keras.Model):
@@ -60,12 +109,12 @@ class PretrainMethod(DistributedFitMixin, keras.Model):
 
     @staticmethod
     def replica_scaled(loss):
-        """Divides by the number of replicas (:func:`rr_tf.training.optim.replica_scaled`)."""
+        """Divides by the number of replicas (:func:`rr_tf.optim.replica_scaled`)."""
         return optim.replica_scaled(loss)
 
     def backprop(self, tape, loss, variables):
         """Backprop ``loss`` (already replica-scaled) into ``variables``
-        (:func:`rr_tf.training.optim.backprop`: float16 loss scaling)."""
+        (:func:`rr_tf.optim.backprop`: float16 loss scaling)."""
         return optim.backprop(self.optimizer, tape, loss, variables)
 
     def finish_build(self, volume):
@@ -111,7 +160,8 @@ class PretrainMethod(DistributedFitMixin, keras.Model):
         a run directory, an export directory or a ``.keras`` file. Heads,
         queues and the optimizer start fresh; momentum copies restart as
         copies of the loaded online networks. Returns the TransferReport."""
-        from rr_tf.transfer import source_parts, transfer
+        from rr_tf.runs import source_parts
+        from rr_tf.transfer import transfer
 
         src, _ = source_parts(path)
         report = transfer(self.transfer_parts(), src, source=path)

@@ -41,19 +41,20 @@ batch is shuffled and normalised in G groups
 statistics.
 """
 
+import dataclasses
+
 import tensorflow as tf
 from keras import ops
 
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param, zero_volumes
+from rr_tf.distribute import gather_from_replicas, replica_row_offset
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.momentum import (MomentumEncoder, gather_from_replicas, replica_row_offset,
-                                   shuffled_group_apply)
+from rr_tf.models.momentum import MomentumEncoder, shuffled_group_apply
+from rr_tf.optim import optimizer_step
 from rr_tf.models.parts import CNNPyramid
-from rr_tf.models.unet3d import UNet3D
 
 SIMCLR_TEMPERATURE = 0.1  # SimCLR's NT-Xent tau (RepRec's simclr flag uses it)
 
@@ -72,6 +73,22 @@ def simclr_global_loss(z1, z2, temperature=SIMCLR_TEMPERATURE):
 KEY_BN_HELP = ("Key encoder BatchNorm: statistics over this many random groups of the "
                "global batch (MoCo's shuffling BN; a multiple of the replica count that "
                "divides the batch); 0 = its EMA moving statistics.")
+
+
+@dataclasses.dataclass
+class MoCoConfig(CNNConfig):
+    """The fields of a MoCo-style contrastive term (embedding, queue,
+    temperature, key encoder), declared once for every method that has one
+    (RepRec, PCRL, the sequential multi-task method, MoCo): one flag and one
+    help text each. A method with another published default re-declares the
+    field with ``MoCoConfig.field`` (same help and checks)."""
+
+    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
+    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
+    temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
+    momentum: float = param(0.999, "EMA momentum of the key (or target) encoder.", low=0.0,
+                            high=1.0)
+    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
 
 
 def check_key_bn_groups(config, run):
@@ -111,6 +128,11 @@ class ContrastiveBranch:
 
     contrastive_mode = "moco"
     contrastive_temperature = 0.2
+
+    @staticmethod
+    def example_batch(crop_size, batch_size=2):
+        """A zero batch of the two views (to build)."""
+        return zero_volumes(crop_size, batch_size, ("view1", "view2"))
 
     def contrastive_features(self, x, training=False):
         raise NotImplementedError
@@ -185,8 +207,7 @@ class ContrastiveEncoderMethod(ContrastiveBranch, PretrainMethod):
     def __init__(self, config, seed=0, name="contrastive", **kwargs):
         super().__init__(config, name=name, **kwargs)
         self.seed = int(seed)
-        self.cnn = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                          encoder_only=True, name="cnn")
+        self.cnn = config.unet3d(encoder_only=True, name="cnn")
         self.proj = ProjectionHead(hidden_dim=config.proj_hidden_dim, out_dim=config.proj_dim,
                                    use_bn=config.proj_bn, name="projection")
 
@@ -204,15 +225,7 @@ class ContrastiveEncoderMethod(ContrastiveBranch, PretrainMethod):
 
     @staticmethod
     def check_config(config, run):
-        factor = 2 ** (config.levels - 1)
-        if any(c % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"the {config.levels}-level UNet3D encoder needs "
-                              f"multiples of {factor}, got {run.crop_size}")
-
-    @staticmethod
-    def example_batch(crop_size, batch_size=2):
-        shape = (batch_size,) + tuple(crop_size) + (1,)
-        return {"view1": tf.zeros(shape), "view2": tf.zeros(shape)}
+        config.check_crop(run.crop_size)
 
     def build_online(self, batch):
         """Builds the online CNN and head from one batch; returns the volume."""
@@ -252,5 +265,5 @@ class ContrastiveEncoderMethod(ContrastiveBranch, PretrainMethod):
         return {"cnn_encoder": CNNPyramid(self.cnn)}
 
 
-__all__ = ["SIMCLR_TEMPERATURE", "simclr_global_loss", "ContrastiveBranch",
+__all__ = ["SIMCLR_TEMPERATURE", "simclr_global_loss", "ContrastiveBranch", "MoCoConfig",
            "ContrastiveEncoderMethod"]

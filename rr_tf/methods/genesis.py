@@ -1,5 +1,5 @@
 """Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021): learn by restoring
-corrupted crops, as in ``../shared/docs/methods.md``.
+corrupted crops, as in ``docs/methods.md``.
 
 1. sample: a 64x64x32 crop in [0, 1] (HU window scaled), randomly flipped;
    that crop is the *target* (recipe :func:`rr_tf.data.recipes.genesis_pair`);
@@ -25,23 +25,25 @@ from keras import ops
 
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param, zero_volumes
 from rr_tf.models.layers import NORMS
 from rr_tf.models.parts import UNetFeatures
-from rr_tf.models.unet3d import UNet3D
 
 ACTIVATIONS = ("sigmoid", "linear")
 
 
+def restoration_unet(config):
+    """The restoration U-Net of Genesis (and PCRL): UNet3D with skips, one
+    output channel, ``config.output_activation`` at the end."""
+    return config.unet3d(skips=True, out_channels=1,
+                         final_activation=None if config.output_activation == "linear"
+                         else config.output_activation, name="unet")
+
+
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """Models Genesis hyper-parameters (defaults: the published ones)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (the bottleneck is at stride 2**(levels-1)).",
-                        low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
     output_activation: str = param("sigmoid", "Activation of the restoration head: sigmoid "
                                    "(targets in [0, 1], as published) or linear.",
                                    choices=ACTIVATIONS)
@@ -75,10 +77,7 @@ class ModelsGenesis(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="genesis", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=True, out_channels=1,
-                           final_activation=None if config.output_activation == "linear"
-                           else config.output_activation, name="unet")
+        self.unet = restoration_unet(config)
 
     # ------------------------------------------------------------ set-up
     @staticmethod
@@ -90,10 +89,7 @@ class ModelsGenesis(PretrainMethod):
 
     @staticmethod
     def check_config(config, run):
-        factor = 2 ** (config.levels - 1)
-        if any(c % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"the U-Net with {config.levels} levels needs "
-                              f"multiples of {factor}, got {run.crop_size}")
+        config.check_crop(run.crop_size)
         if any(c < 10 for c in run.crop_size):
             raise ConfigError("crop_size", "Genesis local shuffling needs crops of at least 10 "
                               f"voxels per axis, got {run.crop_size}")
@@ -105,8 +101,7 @@ class ModelsGenesis(PretrainMethod):
     @staticmethod
     def example_batch(crop_size, batch_size=2):
         """A zero batch with the structure ``train_step`` expects (to build)."""
-        shape = (batch_size,) + tuple(crop_size) + (1,)
-        return {"input": tf.zeros(shape), "target": tf.zeros(shape)}
+        return zero_volumes(crop_size, batch_size, ("input", "target"))
 
     def build_for(self, batch):
         v = self.sample_volume(batch)

@@ -1,6 +1,6 @@
 """MAE-3D: masked autoencoding of 3D CT patches (He et al., "Masked
 Autoencoders Are Scalable Vision Learners", CVPR 2022, in 3D), the
-generative baseline named by RepRec (methods.md, "MAE-3D").
+generative baseline named by RepRec (docs/methods.md, "MAE-3D").
 
 1. ``patchify``: the crop is cut into non-overlapping 16^3 patches, embedded
    by a linear projection (ViT3D's Conv3D, kernel = stride = patch) plus a
@@ -37,8 +37,9 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.data.augment import random_flip
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.masking import global_random_masking, optimizer_step
+from rr_tf.methods.base import PretrainMethod, param, zero_volumes
+from rr_tf.methods.masking import global_random_masking
+from rr_tf.optim import optimizer_step
 from rr_tf.models.parts import ViTFeatures
 from rr_tf.models.vit3d import (MaskedTokenDecoder, ViT3D, num_visible,
                                 patchify, unpatchify)
@@ -48,7 +49,7 @@ MASK_GREY = 0.5  # what the "masked_input" image shows in place of a masked patc
 
 @dataclasses.dataclass
 class Config:
-    """MAE-3D hyper-parameters (defaults: methods.md, MAE and UNETR's ViT-B)."""
+    """MAE-3D hyper-parameters (defaults: docs/methods.md, MAE and UNETR's ViT-B)."""
 
     patch_size: int = param(16, "Cubic patch (token) size in voxels.", low=2)
     transformer_dim: int = param(768, "ViT width (ViT-B: 768).", low=8)
@@ -125,7 +126,7 @@ class MAE(PretrainMethod):
 
     @staticmethod
     def example_batch(crop_size, batch_size=2):
-        return {"image": tf.zeros((batch_size,) + tuple(crop_size) + (1,))}
+        return zero_volumes(crop_size, batch_size, ("image",))
 
     def build_for(self, batch):
         """Creates the ViT and decoder variables from one batch."""

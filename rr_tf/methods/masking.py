@@ -11,7 +11,7 @@ keeps its own rows: 1 or N replicas mask every sample the same way.
 import tensorflow as tf
 
 from rr_tf.models import rng
-from rr_tf.models.momentum import gather_from_replicas, replica_row_offset
+from rr_tf.distribute import gather_from_replicas, replica_row_offset
 from rr_tf.models.vit3d import num_visible
 
 
@@ -58,10 +58,3 @@ def global_random_masking(local_batch, num_tokens, mask_ratio, seed, step):
                                               tf.ones([local, n - keep])], 1),
                                    ids_restore, batch_dims=1), tf.float32)
     return token_mask, ids_keep, ids_restore
-
-
-def optimizer_step(method):
-    """The method's optimizer step as int32 (0 before it is compiled)."""
-    if method.optimizer is None:
-        return 0
-    return tf.cast(method.optimizer.iterations, tf.int32)

@@ -1,6 +1,6 @@
 """MoCo v2 (He et al., CVPR 2020; Chen et al., "Improved Baselines with
 Momentum Contrastive Learning", 2020) on the Genesis UNet3D encoder: the
-contrastive baseline of the sequential multi-task seed (methods.md).
+contrastive baseline of the sequential multi-task seed (docs/methods.md).
 
 Per step, for two augmented views of one volume:
 
@@ -12,7 +12,7 @@ Per step, for two augmented views of one volume:
 4. gradients update the query encoder and its head only;
 5. the keys of every replica are gathered and enqueued (FIFO).
 
-The head is methods.md's projection MLP, Dense-BN-ReLU-Dense with hidden =
+The head is docs/methods.md's projection MLP, Dense-BN-ReLU-Dense with hidden =
 the encoder width (512 at base 32); ``proj_bn=False`` gives the MoCo v2
 code's Dense-ReLU-Dense. The key encoder uses shuffling BN
 (``key_bn_groups``; see :mod:`rr_tf.methods.contrastive`).
@@ -25,28 +25,18 @@ import tensorflow as tf
 
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import param
-from rr_tf.methods.contrastive import (KEY_BN_HELP, ContrastiveEncoderMethod,
-                                       check_key_bn_groups)
-from rr_tf.models.layers import NORMS
+from rr_tf.methods.contrastive import ContrastiveEncoderMethod, MoCoConfig, check_key_bn_groups
 from rr_tf.models.momentum import Queue
 
 
 @dataclasses.dataclass
-class Config:
-    """MoCo v2 hyper-parameters (defaults: methods.md and the MoCo v2 paper)."""
+class Config(MoCoConfig):
+    """MoCo v2 hyper-parameters (defaults: docs/methods.md and the MoCo v2 paper)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (bottleneck at stride 2**(levels-1)).", low=2)
-    norm: str = param("batch", "CNN normalisation.", choices=NORMS)
-    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
     proj_hidden_dim: int = param(512, "Hidden width of the projection MLP (MoCo v2 / SimCLR: "
                                  "the encoder width, 512 at base 32).", low=1)
-    proj_bn: bool = param(True, "BatchNorm in the projection MLP (methods.md's Dense-BN-ReLU-"
+    proj_bn: bool = param(True, "BatchNorm in the projection MLP (docs/methods.md's Dense-BN-ReLU-"
                           "Dense; the MoCo v2 code's MLP has none).")
-    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
-    temperature: float = param(0.2, "InfoNCE temperature.", low=1e-4)
-    momentum: float = param(0.999, "EMA momentum of the key encoder.", low=0.0, high=1.0)
-    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
 
 
 class MoCo(ContrastiveEncoderMethod):

@@ -1,5 +1,5 @@
 """Sequential multi-task SSL (Dong, Kampffmeyer, Voiculescu, ECML-PKDD 2021),
-as decided in ``../shared/docs/methods.md`` (the paper's text and code are
+as decided in ``docs/methods.md`` (the paper's text and code are
 not public; everything below is the rr_tf design, not a reproduction).
 
 Several pretext tasks on a *sequence* of 2D axial slices exploit the
@@ -44,9 +44,8 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
+from rr_tf.methods.contrastive import MoCoConfig, check_key_bn_groups, momentum_keys
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import NORMS
 from rr_tf.models.momentum import MomentumEncoder, Queue, batch_statistics
 from rr_tf.models.unet2d import SliceFeatures, UNet2D
 from rr_tf.models.unet3d import unet3d_channels
@@ -55,18 +54,11 @@ MAX_SLAB = 15  # slab depths above this are refused (a slab is a few slices, not
 
 
 @dataclasses.dataclass
-class Config:
+class Config(MoCoConfig):
     """Sequential multi-task hyper-parameters. Nothing was published beyond
     the task list: the defaults are rr_tf decisions (see configs/multitask.flags)."""
 
-    base_width: int = param(32, "UNet2D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet2D encoder levels (bottleneck at stride 2**(levels-1)).", low=2)
-    norm: str = param("batch", "UNet2D normalisation.", choices=NORMS)
-    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
-    queue_size: int = param(65536, "MoCo queue length (>= the global batch size).", low=1)
-    temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
-    momentum: float = param(0.999, "EMA momentum of the key encoder.", low=0.0, high=1.0)
-    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
+    queue_size: int = MoCoConfig.field("queue_size", 65536)
     neighbour_range: int = param(2, "Contrastive positives: the key slab is centred on a "
                                  "slice within +-this many slices of the query's (0 = the same "
                                  "slice under two augmentations).", low=0)

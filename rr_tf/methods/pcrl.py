@@ -1,6 +1,6 @@
 """PCRL: Preservational Contrastive Representation Learning (Zhou et al.,
 "Preservational Learning Improves Self-supervised Medical Image Models by
-Reconstructing Diverse Contexts", ICCV 2021), as in ``../shared/docs/methods.md``.
+Reconstructing Diverse Contexts", ICCV 2021), as in ``docs/methods.md``.
 
 A UNet3D *with skips* is trained to keep (preserve) the information of its
 input while learning contrastive features. Per step, with two views of one
@@ -11,7 +11,7 @@ targets are the crops after the spatial augmentation):
 1. **Contrast** (MoCo style): query ``q`` = embedding head (GAP(bottleneck)
    -> 128 -> ReLU -> 128) of the student encoder on view 1; key ``k`` = the
    momentum (EMA, m 0.999) encoder + head on view 2; InfoNCE (tau 0.2)
-   against a FIFO queue of 16384 keys. **Decision** (methods.md): InfoNCE,
+   against a FIFO queue of 16384 keys. **Decision** (docs/methods.md): InfoNCE,
    not the public code's CMC-style NCE with a frozen normaliser.
 2. **Transformation-conditioned attention**: each view has a 7-d vector
    (3 flip bits + rot90 one-hot); an MLP (7 -> 256 -> 512, sigmoid) turns it
@@ -67,37 +67,26 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.contrastive import KEY_BN_HELP, check_key_bn_groups, momentum_keys
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.methods.contrastive import MoCoConfig, check_key_bn_groups, momentum_keys
+from rr_tf.methods.genesis import ACTIVATIONS, restoration_unet
+from rr_tf.methods.genesis import Config as GenesisConfig
+from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import NORMS, _register
+from rr_tf.models.layers import register
 from rr_tf.models import rng
 from rr_tf.models.momentum import MomentumEncoder, Queue
 from rr_tf.models.parts import UNetFeatures
 from rr_tf.models.unet3d import UNet3D
 
 TRANSFORM_DIM = 7  # 3 flip bits + one-hot of the rot90 multiple
-ACTIVATIONS = ("sigmoid", "linear")
 VOLUME_KEYS = ("view1", "view2", "target1", "target2", "aug_target1", "aug_target2")
 
 
 @dataclasses.dataclass
-class Config:
+class Config(MoCoConfig):
     """PCRL hyper-parameters (defaults: the published ones)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (the bottleneck is at stride 2**(levels-1)).",
-                        low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
-    output_activation: str = param("sigmoid", "Activation of the restoration head: sigmoid "
-                                   "(targets in [0, 1], as published) or linear.",
-                                   choices=ACTIVATIONS)
-    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
-    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
-    temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
-    momentum: float = param(0.999, "EMA momentum of the key / target encoder.", low=0.0, high=1.0)
-    key_bn_groups: int = param(2, KEY_BN_HELP, low=0)
+    output_activation: str = GenesisConfig.field("output_activation", "sigmoid")
     gate_hidden: int = param(256, "PCRL: hidden width of the transformation-gating MLP "
                              "(7 -> hidden -> bottleneck channels).", low=1)
     mixup_alpha: float = param(1.0, "PCRL: Beta(a, a) of the cross-model (alpha) and input "
@@ -113,7 +102,7 @@ class Config:
                               "in-painting).", low=0.0, high=1.0)
 
 
-@_register
+@register
 class TransformGate(keras.layers.Layer):
     """PCRL's transformation-conditioned attention: the 7-d transformation
     vector -> ``fc1`` Dense(hidden) -> ReLU -> ``fc2`` Dense(channels) ->
@@ -182,10 +171,7 @@ class PCRL(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="pcrl", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=True, out_channels=1,
-                           final_activation=None if config.output_activation == "linear"
-                           else config.output_activation, name="unet")
+        self.unet = restoration_unet(config)
         # PCRL: fc1 (bottleneck -> 128), ReLU, fc2 (128 -> 128); no BN
         self.head = ProjectionHead(hidden_dim=config.proj_dim, out_dim=config.proj_dim,
                                    use_bn=False, name="embedding")
@@ -201,10 +187,7 @@ class PCRL(PretrainMethod):
 
     @staticmethod
     def check_config(config, run):
-        factor = 2 ** (config.levels - 1)
-        if any(c % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"the U-Net with {config.levels} levels needs "
-                              f"multiples of {factor}, got {run.crop_size}")
+        config.check_crop(run.crop_size)
         if run.crop_size[0] != run.crop_size[1]:
             raise ConfigError("crop_size", "PCRL rotates crops by 90 degrees in the (D, H) plane: "
                               f"D and H must be equal, got {run.crop_size}")

@@ -1,6 +1,6 @@
 """PCRLv2: "A Unified Visual Information Preservation Framework for
 Self-supervised Pre-Training in Medical Image Analysis" (TPAMI 2023), as
-described in ``../shared/docs/methods.md`` and the public code RL4M/PCRLv2.
+described in ``docs/methods.md`` and the public code RL4M/PCRLv2.
 
 Network: the Genesis UNet3D *without* skip connections (the pre-training
 "non-skip U-Net"), sigmoid head. Each of its decoder stages ``s`` (coarse
@@ -49,13 +49,12 @@ from keras import ops
 from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
+from rr_tf.optim import optimizer_step
 from rr_tf.models import rng
 from rr_tf.models.heads import PredictorHead, ReconstructionHead, global_pool
-from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register
+from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, register
 from rr_tf.models.parts import CNNPyramid
-from rr_tf.models.unet3d import UNet3D
 
 # sizes of the global / local crops as multiples of the output size: with a
 # 64x64x32 crop these are the published 64..112 (globals) and 16..32 (locals)
@@ -64,14 +63,9 @@ LOCAL_SCALES = (1.0, 1.5, 2.0)
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """PCRLv2 hyper-parameters (defaults: the published values)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels; the decoder has levels - 1 stages, each "
-                        "with a projection, a predictor and a reconstruction head.", low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
     num_local: int = param(6, "Local views per sample (sub-crops inside the union box of the "
                            "two global views).", low=1)
     local_size: int = param(16, "Edge of the cubic local views (voxels); local crops of 1, 1.5 "
@@ -119,7 +113,7 @@ def mse(pred, target):
     return ops.mean(ops.square(ops.cast(pred, "float32") - target))
 
 
-@_register
+@register
 class StageProjection(keras.layers.Layer):
     """PCRLv2 projection of a decoder stage: global average pool -> ``bn``
     (BatchNorm1d; synchronised across replicas, PyTorch eps/momentum)."""
@@ -154,8 +148,7 @@ class PCRLv2(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="pcrlv2", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=False, final_activation="sigmoid", name="unet3d")
+        self.unet = config.unet3d(skips=False, final_activation="sigmoid", name="unet3d")
         n = self.num_stages = config.levels - 1
         # decoder stage i (coarse to fine) is at stride 2**(n - 1 - i)
         self.stage_strides = [2 ** (n - 1 - i) for i in range(n)]
@@ -182,10 +175,8 @@ class PCRLv2(PretrainMethod):
         to ``run.train_steps`` (the resolved value is what the run stores)."""
         if config.levels < 2:
             raise ConfigError("levels", "PCRLv2 needs >= 2 levels (one decoder stage or more)")
+        config.check_crop(run.crop_size)
         factor = 2 ** (config.levels - 1)
-        if any(int(c) % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"must be multiples of {factor} ({config.levels} "
-                              f"UNet3D levels), got {tuple(run.crop_size)}")
         if config.local_size % factor:
             raise ConfigError("local_size", f"must be a multiple of {factor} ({config.levels} "
                               f"UNet3D levels), got {config.local_size}")

@@ -1,5 +1,5 @@
 """PGL: "Prior-Guided Local Self-supervised Learning for 3D Medical Image
-Segmentation" (Xie et al., 2020), as described in ``../shared/docs/methods.md``
+Segmentation" (Xie et al., 2020), as described in ``docs/methods.md``
 (Related methods).
 
 Two views of one volume are cut with *known* crop boxes and flips (the
@@ -42,23 +42,18 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods import alignment
-from rr_tf.methods.base import PretrainMethod, param
+from rr_tf.methods.base import CNNConfig, PretrainMethod, param
 from rr_tf.methods.contrastive import check_key_bn_groups, momentum_keys
 from rr_tf.models.heads import ProjectionHead
-from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, NORMS, _register, with_channels
+from rr_tf.models.layers import BN_EPSILON, BN_MOMENTUM, register, with_channels
 from rr_tf.models.momentum import MomentumEncoder, batch_statistics
 from rr_tf.models.parts import CNNPyramid
-from rr_tf.models.unet3d import UNet3D
 
 
 @dataclasses.dataclass
-class Config:
+class Config(CNNConfig):
     """PGL hyper-parameters (see configs/pgl.flags for their sources)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (the decoder has levels - 1 stages).", low=2)
-    norm: str = param("batch", "UNet3D normalisation (sync_batch: statistics over the global "
-                      "batch under tf.distribute).", choices=NORMS)
     proj_dim: int = param(256, "Output size of the global projector and predictor.", low=1)
     proj_hidden_dim: int = param(4096, "Hidden size of the global projector and predictor MLPs.",
                                  low=1)
@@ -81,7 +76,7 @@ class Config:
                                "(resized to it), drawn per view.", low=0.01)
 
 
-@_register
+@register
 class PointwiseMLP(keras.layers.Layer):
     """``conv1`` 1x1x1 (hidden) -> ``bn`` -> ReLU -> ``conv2`` 1x1x1 (out):
     an MLP applied to every voxel's feature vector (BN synchronised across
@@ -115,7 +110,7 @@ class PointwiseMLP(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class StageHeads(keras.layers.Layer):
     """One :class:`PointwiseMLP` per decoder stage (``stage1``, ...): maps a
     list of feature maps to the list of their heads' outputs."""
@@ -177,8 +172,7 @@ class PGL(PretrainMethod):
     def __init__(self, config, seed=0, **kwargs):
         super().__init__(config, name="pgl", **kwargs)
         self.seed = int(seed)
-        self.unet = UNet3D(base_width=config.base_width, levels=config.levels, norm=config.norm,
-                           skips=True, name="unet3d")
+        self.unet = config.unet3d(skips=True, name="unet3d")
         n = self.num_local_stages = min(int(config.local_stages), config.levels - 1)
         # decoder stage i (coarse to fine) is at stride 2**(levels - 2 - i)
         self.stage_strides = [2 ** (config.levels - 2 - i) for i in range(n)]
@@ -200,10 +194,7 @@ class PGL(PretrainMethod):
     def check_config(config, run):
         if config.levels < 2:
             raise ConfigError("levels", "PGL needs >= 2 levels (a decoder)")
-        factor = 2 ** (config.levels - 1)
-        if any(int(c) % factor for c in run.crop_size):
-            raise ConfigError("crop_size", f"must be multiples of {factor} ({config.levels} "
-                              f"UNet3D levels), got {tuple(run.crop_size)}")
+        config.check_crop(run.crop_size)
         if not 1 <= config.local_stages <= config.levels - 1:
             raise ConfigError("local_stages", f"must be in 1..{config.levels - 1} (decoder stages)")
         if config.local_loss not in ("cosine", "mse"):

@@ -1,5 +1,5 @@
 """RepRec: representation recovery (WACV 2023), as decided in
-``../shared/docs/methods.md``.
+``docs/methods.md``.
 
 A CNN encoder is trained contrastively (MoCo v2: two views, projection head,
 momentum key encoder, queue, InfoNCE; SimCLR in-batch negatives as a flag)
@@ -31,30 +31,20 @@ from rr_tf import losses
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError
 from rr_tf.methods.base import PretrainMethod, param
-from rr_tf.methods.contrastive import (KEY_BN_HELP, SIMCLR_TEMPERATURE, ContrastiveBranch,
+from rr_tf.methods.contrastive import (SIMCLR_TEMPERATURE, ContrastiveBranch, MoCoConfig,
                                        check_key_bn_groups)
-from rr_tf.methods.masking import global_random_masking, global_uniform, optimizer_step
+from rr_tf.methods.masking import global_random_masking, global_uniform
+from rr_tf.optim import optimizer_step
 from rr_tf.models.heads import ProjectionHead
 from rr_tf.models.hybrid import HybridEncoder, map_to_tokens
-from rr_tf.models.layers import NORMS
 from rr_tf.models.momentum import Queue
 from rr_tf.models.parts import CNNPyramid, HybridFeatures
 
 
 @dataclasses.dataclass
-class Config:
-    """RepRec hyper-parameters (defaults: methods.md; demo flagfiles shrink them)."""
+class Config(MoCoConfig):
+    """RepRec hyper-parameters (defaults: docs/methods.md; demo flagfiles shrink them)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (RepRec adds one stride-2 stage).", low=2)
-    norm: str = param("batch", "CNN normalisation (sync_batch: statistics over the global batch "
-                      "under tf.distribute).", choices=NORMS)
-    proj_dim: int = param(128, "Contrastive embedding size.", low=1)
-    queue_size: int = param(16384, "MoCo queue length (>= the global batch size).", low=1)
-    temperature: float = param(0.2, "InfoNCE temperature of the MoCo term.", low=1e-4)
-    momentum: float = param(0.999, "EMA momentum of the key / target encoder.", low=0.0, high=1.0)
-    key_bn_groups: int = param(2, KEY_BN_HELP + " The recovery targets then use the statistics "
-                               "of the whole batch.", low=0)
     contrastive: str = param("moco", "Negatives from the queue (moco) or the global batch "
                              "(simclr, tau 0.1).", choices=("moco", "simclr"))
     mask_ratio: float = param(0.6, "Fraction of tokens (16^3 cells) masked.", low=0.0, high=0.95)
@@ -138,12 +128,6 @@ class RepRec(ContrastiveBranch, PretrainMethod):
             raise ConfigError("queue_size", f"must be >= the batch size ({run.batch_size})")
         if not 0.0 < config.mask_ratio < 1.0:
             raise ConfigError("mask_ratio", "must be in (0, 1)")
-
-    @staticmethod
-    def example_batch(crop_size, batch_size=2):
-        """A zero batch with the structure ``train_step`` expects (to build)."""
-        shape = (batch_size,) + tuple(crop_size) + (1,)
-        return {"view1": tf.zeros(shape), "view2": tf.zeros(shape)}
 
     def build_for(self, batch):
         """Creates every variable (online nets, EMA copies, queue) from one batch."""

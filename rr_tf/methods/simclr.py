@@ -24,19 +24,15 @@ import dataclasses
 import tensorflow as tf
 
 from rr_tf.errors import ConfigError
-from rr_tf.methods.base import param
+from rr_tf.methods.base import CNNConfig, param
 from rr_tf.methods.contrastive import SIMCLR_TEMPERATURE, ContrastiveEncoderMethod
-from rr_tf.models.layers import NORMS
 
 
 @dataclasses.dataclass
-class Config:
-    """SimCLR hyper-parameters (defaults: methods.md and the SimCLR paper)."""
+class Config(CNNConfig):
+    """SimCLR hyper-parameters (defaults: docs/methods.md and the SimCLR paper)."""
 
-    base_width: int = param(32, "UNet3D base width (channels of the first level).", low=1)
-    levels: int = param(4, "UNet3D encoder levels (bottleneck at stride 2**(levels-1)).", low=2)
-    norm: str = param("sync_batch", "CNN normalisation (sync_batch = SimCLR's global BN).",
-                      choices=NORMS)
+    norm: str = CNNConfig.field("norm", "sync_batch")  # SimCLR's global BatchNorm
     proj_dim: int = param(128, "Contrastive embedding size.", low=1)
     proj_hidden_dim: int = param(512, "Hidden width of the projection MLP (the encoder width).",
                                  low=1)

@@ -4,7 +4,7 @@
 import keras
 from keras import ops
 
-from rr_tf.models.layers import (BN_EPSILON, BN_MOMENTUM, _register, upsample3d,
+from rr_tf.models.layers import (BN_EPSILON, BN_MOMENTUM, register, upsample3d,
                                  with_channels)
 
 
@@ -26,7 +26,7 @@ def _pooled_shape(shape):
     return (shape[0], shape[-1]) if len(shape) == 5 else shape
 
 
-@_register
+@register
 class ProjectionHead(keras.layers.Layer):
     """(GAP if 5D) -> ``fc1`` Dense(hidden) -> ``bn`` -> ReLU -> ``fc2`` Dense(out).
 
@@ -65,7 +65,7 @@ class ProjectionHead(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class PredictorHead(keras.layers.Layer):
     """PCRLv2 predictor: (GAP if 5D) -> Dense(2C) -> BN -> ReLU -> Dense(C).
 
@@ -105,7 +105,7 @@ class PredictorHead(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class ReconstructionHead(keras.layers.Layer):
     """``conv`` 1x1x1 to ``out_channels`` (default 1), then upsample the
     spatial size by the integer ``factor`` ("trilinear" or "nearest"),

@@ -20,7 +20,7 @@ Layer paths: ``cnn/enc1..enc5/...``, ``proj``, ``transformer/block{i}/...``,
 import keras
 from keras import ops
 
-from rr_tf.models.layers import TransformerEncoder, _register
+from rr_tf.models.layers import TransformerEncoder, register
 from rr_tf.models.unet3d import UNet3D
 from rr_tf.models.vit3d import (MaskedTokenDecoder, add_position_embedding, gather_tokens,
                                 static_grid)
@@ -32,7 +32,7 @@ def map_to_tokens(feature_map):
     return ops.reshape(feature_map, (shape[0], -1, feature_map.shape[-1]))
 
 
-@_register
+@register
 class HybridEncoder(keras.Model):
     """CNN -> tokens -> transformer, plus a feature-recovery decoder.
 

@@ -20,7 +20,9 @@ GN_EPSILON = 1e-5
 MAX_GROUPS = 8
 
 
-def _register(cls):
+def register(cls):
+    """Class decorator: registers a Keras layer or model of rr_tf for
+    serialization (``.keras`` files find it by ``rr_tf>ClassName``)."""
     return keras.saving.register_keras_serializable(package="rr_tf")(cls)
 
 
@@ -75,7 +77,7 @@ CONV = {2: keras.layers.Conv2D, 3: keras.layers.Conv3D}
 CONV_TRANSPOSE = {2: keras.layers.Conv2DTranspose, 3: keras.layers.Conv3DTranspose}
 
 
-@_register
+@register
 class MaxPool(keras.layers.Layer):
     """Max pooling by 2 along every spatial axis (stride 2, 'valid': an odd
     trailing voxel is dropped) whose gradient is split equally among tied
@@ -127,7 +129,7 @@ def check_rank(rank):
     return int(rank)
 
 
-@_register
+@register
 class ConvUnit(keras.layers.Layer):
     """Conv (k^rank, 'same', with bias) -> norm -> ReLU: the Genesis U-Net
     unit, 3D (``rank=3``) or 2D (``rank=2``, the slice U-Net)."""
@@ -162,7 +164,7 @@ class ConvUnit(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class ConvBlock(keras.layers.Layer):
     """A stack of :class:`ConvUnit` s (``unit1``, ``unit2``, ...)."""
 
@@ -209,7 +211,7 @@ def patchify(volumes, patch_size):
     return ops.reshape(x, (b, gd * gh * gw, pd * ph * pw * c))
 
 
-@_register
+@register
 class PatchEmbedding3D(keras.layers.Layer):
     """Non-overlapping 3D patches -> tokens: Conv3D with kernel = stride = patch
     (its weights, ``proj``), computed as a matmul of the patchified volume.
@@ -385,7 +387,7 @@ def upsample3d(x, factor, method="trilinear"):
     return x
 
 
-@_register
+@register
 class MLP(keras.layers.Layer):
     """Dense(hidden, GELU) -> dropout -> Dense(out) -> dropout (``fc1``, ``fc2``)."""
 
@@ -419,7 +421,7 @@ class MLP(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class TransformerBlock(keras.layers.Layer):
     """Pre-LN block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
@@ -470,7 +472,7 @@ class TransformerBlock(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class TransformerEncoder(keras.layers.Layer):
     """``depth`` pre-LN blocks (``block1`` ..) and a final LayerNorm (``norm``)."""
 

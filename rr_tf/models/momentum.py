@@ -1,16 +1,13 @@
-"""Momentum (EMA) encoder, negative-key queue and cross-replica helpers.
+"""Momentum (EMA) encoder and negative-key queue.
 
 The math is ``keras.ops``; TensorFlow is used only for ``tf.distribute``
-(gathering across replicas and writing mirrored variables), and only when the
-Keras backend is TensorFlow. Under any other backend the helpers degrade to
-their single-device meaning.
+(writing mirrored variables), and only when the Keras backend is TensorFlow.
+The cross-replica helpers (gather, sum, row offset) live in
+:mod:`rr_tf.distribute` and are re-exported here.
 
 Behaviour under ``tf.distribute.MirroredStrategy`` (called inside
 ``strategy.run``, i.e. in replica context):
 
-* :func:`gather_from_replicas` is ``ReplicaContext.all_gather(x, axis=0)``:
-  every replica gets the global batch in replica order. It is differentiable:
-  the gradient of a gathered copy flows back to the replica that produced it.
 * :func:`ema_update` computes ``m * t + (1 - m) * o`` on every replica from its
   own (device-local) copies. Online *trainable* weights are identical on all
   replicas (the optimizer applies the same summed gradient), but Keras 3
@@ -44,6 +41,10 @@ try:  # TensorFlow is only needed for tf.distribute
 except ImportError:  # pragma: no cover - other backends without TF
     tf = None
 
+from rr_tf.distribute import (  # noqa: F401  (re-exported)
+    _replica_context, _tf_backend, gather_from_replicas, num_replicas, replica_row_offset,
+    sum_over_replicas)
+
 __all__ = [
     "gather_from_replicas",
     "replica_row_offset",
@@ -56,71 +57,6 @@ __all__ = [
     "MomentumEncoder",
     "Queue",
 ]
-
-
-# ---------------------------------------------------------------------------
-# Distribution helpers
-
-
-def _tf_backend():
-    return tf is not None and keras.backend.backend() == "tensorflow"
-
-
-def _replica_context():
-    """The replica context of a real (non-default) strategy, else None."""
-    if not _tf_backend() or not tf.distribute.has_strategy():
-        return None
-    return tf.distribute.get_replica_context()  # None in cross-replica context
-
-
-def num_replicas():
-    """``num_replicas_in_sync`` of the current strategy (1 without one)."""
-    if not _tf_backend():
-        return 1
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def gather_from_replicas(x):
-    """Concatenate ``x`` from all replicas along axis 0 (replica order).
-
-    In replica context of a multi-replica strategy this is
-    ``tf.distribute.get_replica_context().all_gather(x, axis=0)``; elsewhere
-    (one device, cross-replica context, other backends) it returns ``x``.
-    Differentiable. Local batches may differ in size along axis 0.
-    """
-    ctx = _replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return x
-    return ctx.all_gather(x, axis=0)
-
-
-def sum_over_replicas(x):
-    """``x`` summed over all replicas (``all_reduce(SUM)``), the same value
-    on each; ``x`` itself without distribution. Differentiable: the gradient
-    reaching each replica's ``x`` is the sum of all replicas' upstream
-    gradients, so a loss computed from global sums and scaled by 1/R per
-    replica gets the one-device gradient (tested with the fine-tuning
-    loss)."""
-    ctx = _replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return x
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
-
-
-def replica_row_offset(x):
-    """Index of this replica's first row in ``gather_from_replicas(x)``.
-
-    0 without distribution. Exact even when the local batches differ in size
-    (the sizes are gathered and those of the lower replica ids summed).
-    """
-    ctx = _replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return ops.convert_to_tensor(0, "int32")
-    size = tf.shape(x, out_type=tf.int32)[:1]
-    sizes = ctx.all_gather(size, axis=0)  # [R]
-    rid = ctx.replica_id_in_sync_group
-    below = tf.range(ctx.num_replicas_in_sync) < tf.cast(rid, tf.int32)
-    return tf.reduce_sum(tf.where(below, sizes, tf.zeros_like(sizes)))
 
 
 def _raw(variable):

@@ -7,9 +7,7 @@ import keras
 from keras import ops
 
 from rr_tf.errors import ConfigError
-from rr_tf.models.layers import ConvBlock, ConvUnit, _register, with_channels
-
-SEGMENTER_KINDS = ("unet", "hybrid", "unetr")
+from rr_tf.models.layers import NORMS, ConvBlock, ConvUnit, register, with_channels
 
 # Pre-training method -> the segmenter its weights initialise ("slice2d" is
 # rr_tf.models.unet2d.SliceSegmenter, the 2D U-Net applied slice by slice).
@@ -19,7 +17,7 @@ _KIND_FOR_METHOD = {
 }
 # Methods whose published transfer is the encoder alone although their
 # pre-trained network has a decoder: PCRLv2 (non-skip decoder; skips are
-# added back for segmentation, methods.md "Transfer"). Genesis and PCRL
+# added back for segmentation, docs/methods.md "Transfer"). Genesis and PCRL
 # transfer encoder + decoder; MoCo, SimCLR, PGL export an encoder only.
 _ENCODER_ONLY_TRANSFER = ("pcrlv2",)
 
@@ -85,6 +83,33 @@ class _Segmenter(keras.Model):
     def _encoder_layers(self):
         raise NotImplementedError
 
+    def _set_transformer_args(self, dim, depth, heads, mlp_ratio, dropout, attention_dropout):
+        """Checks and keeps the transformer arguments of a segmenter."""
+        self.dim = _check_positive("dim", dim)
+        self.depth = _check_positive("depth", depth)
+        self.heads = _check_positive("heads", heads)
+        if self.dim % self.heads:
+            raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
+        self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
+        self.attention_dropout = float(attention_dropout)
+
+    def _set_cnn_args(self, num_classes, base_width, levels, norm):
+        """Checks and keeps the U-Net arguments of a CNN-based segmenter."""
+        self.num_classes = _check_num_classes(num_classes)
+        self.base_width = _check_positive("base_width", base_width)
+        self.levels = _check_positive("levels", levels)
+        if self.levels < 2:
+            raise ConfigError("levels", f"must be >= 2, got {levels}")
+        _check_choice("norm", norm, NORMS)
+        self.norm_kind = norm
+
+    def _finish_build(self, below):
+        """The end of a U-shaped segmenter's ``build``: the head on the last
+        decoder output's shape ``below``, the encoder's weights recorded."""
+        self.head.build(below)
+        self._record_encoder()
+        self.built = True
+
     def _record_encoder(self):
         # Paths of the encoder's trainable-by-design weights (BN statistics
         # excluded), fixed at build time so the answer does not depend on
@@ -113,7 +138,7 @@ class _Segmenter(keras.Model):
         return ops.cast(x, "float32")
 
 
-@_register
+@register
 class UpBlock(keras.layers.Layer):
     """Decoder step: ``up`` (Conv3DTranspose k2 s2 to ``filters``), concat the
     same-resolution ``skip``, ``block`` (two conv units of ``filters``)."""
@@ -148,7 +173,7 @@ class UpBlock(keras.layers.Layer):
         return config
 
 
-@_register
+@register
 class DeconvPath(keras.layers.Layer):
     """UNETR skip projection: ``steps`` x (Conv3DTranspose k2 s2 -> conv unit),
     taking a token map at the patch stride to ``stride / 2**steps``."""

@@ -8,6 +8,13 @@
             tokens, no masking) is the bottleneck; TransUNet/UNETR-style
             U-shaped decoder.
     unetr   UNETRSegmenter: ViT3D encoder (MAE) with the UNETR decoder.
+    slice2d SliceSegmenter (rr_tf.models.unet2d): the sequential multi-task
+            2D U-Net applied slice by slice (slabs of ``slab_size`` slices).
+
+:func:`build_segmenter` is the one factory (fine-tuning and the tests use
+it); :func:`kind_for_parts` and :func:`architecture_from` read the kind and
+the constructor arguments from what a pre-trained source declares about its
+parts (:func:`rr_tf.runs.source_parts`), so keys and shapes match.
 
 Common API (the fine-tuning engine and sliding-window inference rely on it):
 
@@ -31,20 +38,22 @@ to float32 at the end. The number of classes includes the background
 pre-trained 1-channel head (Genesis, PCRL) is a shape mismatch, never loaded.
 """
 
+import inspect
+
 import keras
 
 from rr_tf.errors import ConfigError
 from rr_tf.models.hybrid import HybridEncoder
-from rr_tf.models.layers import NORMS, ConvBlock, _register, as_triple
+from rr_tf.models.layers import NORMS, ConvBlock, register, as_triple
 # the method -> kind map is part of this module's API (re-exported)
-from rr_tf.models.segmenter_base import (SEGMENTER_KINDS, DeconvPath, UpBlock,  # noqa: F401
+from rr_tf.models.segmenter_base import (DeconvPath, UpBlock,  # noqa: F401
                                          _at_stride, _check_choice, _check_divisible,
                                          _check_num_classes, _check_positive, _EncoderView,
                                          _Segmenter, segmenter_kind_for_method, transfers_decoder)
 from rr_tf.models.unet3d import UNet3D
 from rr_tf.models.vit3d import ViT3D, tokens_to_map
 
-@_register
+@register
 class UNetSegmenter(_Segmenter):
     """Genesis UNet3D (``unet``, skips on) whose 1x1x1 head gives ``num_classes``
     logits. Layer paths below ``unet`` are those of a pre-training UNet3D
@@ -61,13 +70,7 @@ class UNetSegmenter(_Segmenter):
     def __init__(self, num_classes, base_width=32, levels=4, norm="batch", **kwargs):
         kwargs.setdefault("name", "unet_segmenter")
         super().__init__(**kwargs)
-        self.num_classes = _check_num_classes(num_classes)
-        self.base_width = _check_positive("base_width", base_width)
-        self.levels = _check_positive("levels", levels)
-        if self.levels < 2:
-            raise ConfigError("levels", f"must be >= 2, got {levels}")
-        _check_choice("norm", norm, NORMS)
-        self.norm_kind = norm
+        self._set_cnn_args(num_classes, base_width, levels, norm)
         self.divisor = 2 ** (self.levels - 1)
         self.unet = UNet3D(base_width=self.base_width, levels=self.levels, norm=norm, skips=True,
                            out_channels=self.num_classes, name="unet3d", dtype=self.dtype_policy)
@@ -101,7 +104,7 @@ class UNetSegmenter(_Segmenter):
 # Hybrid (RepRec)
 # ---------------------------------------------------------------------------
 
-@_register
+@register
 class SegmentationHybridEncoder(HybridEncoder):
     """HybridEncoder whose feature-recovery decoder is never built (no
     weights): segmentation uses the CNN and the transformer only. Variable
@@ -124,7 +127,7 @@ class SegmentationHybridEncoder(HybridEncoder):
         return {"pyramid": pyramid, "feature_map": fmap, "latent": latent}
 
 
-@_register
+@register
 class HybridSegmenter(_Segmenter):
     """RepRec's hybrid encoder (``hybrid``) with a U-shaped decoder.
 
@@ -152,22 +155,10 @@ class HybridSegmenter(_Segmenter):
                  decoder_width=None, **kwargs):
         kwargs.setdefault("name", "hybrid_segmenter")
         super().__init__(**kwargs)
-        self.num_classes = _check_num_classes(num_classes)
-        self.base_width = _check_positive("base_width", base_width)
-        self.levels = _check_positive("levels", levels)
-        if self.levels < 2:
-            raise ConfigError("levels", f"must be >= 2, got {levels}")
-        _check_choice("norm", norm, NORMS)
-        self.norm_kind = norm
+        self._set_cnn_args(num_classes, base_width, levels, norm)
         self.extra_channels = None if extra_channels is None else _check_positive(
             "extra_channels", extra_channels)
-        self.dim = _check_positive("dim", dim)
-        self.depth = _check_positive("depth", depth)
-        self.heads = _check_positive("heads", heads)
-        if self.dim % self.heads:
-            raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
-        self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
-        self.attention_dropout = float(attention_dropout)
+        self._set_transformer_args(dim, depth, heads, mlp_ratio, dropout, attention_dropout)
         self.decoder_width = _check_positive("decoder_width", decoder_width or 2 * self.base_width)
         dt = self.dtype_policy
         self.hybrid = SegmentationHybridEncoder(
@@ -194,9 +185,7 @@ class HybridSegmenter(_Segmenter):
         for up, s, c in zip(self.ups, reversed(self.skip_strides), reversed(self.skip_channels)):
             up.build(below, _at_stride(input_shape, s, c))
             below = _at_stride(input_shape, s, up.filters)
-        self.head.build(below)
-        self._record_encoder()
-        self.built = True
+        self._finish_build(below)
 
     def call(self, x, training=False):
         skips, fmap = self.hybrid.cnn_features(x, training=training)
@@ -231,7 +220,7 @@ def default_skip_blocks(depth, num_skips):
     return [max(1, -(-depth * j // (num_skips + 1))) for j in range(1, num_skips + 1)]
 
 
-@_register
+@register
 class UNETRSegmenter(_Segmenter):
     """UNETR (Hatamizadeh et al. 2022) on a :class:`ViT3D` encoder (``vit``).
 
@@ -267,13 +256,7 @@ class UNETRSegmenter(_Segmenter):
             raise ConfigError("patch_size", f"must be an isotropic power of two >= 2, got "
                               f"{patch_size!r}")
         self.patch_size = p
-        self.dim = _check_positive("dim", dim)
-        self.depth = _check_positive("depth", depth)
-        self.heads = _check_positive("heads", heads)
-        if self.dim % self.heads:
-            raise ConfigError("heads", f"must divide dim {self.dim}, got {heads}")
-        self.mlp_ratio, self.dropout_rate = float(mlp_ratio), float(dropout)
-        self.attention_dropout = float(attention_dropout)
+        self._set_transformer_args(dim, depth, heads, mlp_ratio, dropout, attention_dropout)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.decoder_width = _check_positive("decoder_width", decoder_width)
         _check_choice("norm", norm, NORMS)
@@ -320,9 +303,7 @@ class UNETRSegmenter(_Segmenter):
             skip_c = self.decoder_width * s  # input_block (s = 1) and skip paths alike
             up.build(below, _at_stride(input_shape, s, skip_c))
             below = _at_stride(input_shape, s, up.filters)
-        self.head.build(below)
-        self._record_encoder()
-        self.built = True
+        self._finish_build(below)
 
     def call(self, x, training=False):
         tokens, grid = self.vit.embed(x)
@@ -354,25 +335,69 @@ class UNETRSegmenter(_Segmenter):
 # Factory
 # ---------------------------------------------------------------------------
 
-_CLASSES = {"unet": UNetSegmenter, "hybrid": HybridSegmenter, "unetr": UNETRSegmenter}
+# the part each kind is initialised from (rr_tf.transfer's part names), in the
+# order kind_for_parts prefers them
+PART_FOR_KIND = {"hybrid": "hybrid", "unetr": "vit", "slice2d": "unet2d", "unet": "unet"}
+# constructor arguments named differently in the pre-trained part's config
+_RENAMES = {"transformer_dim": "dim", "transformer_depth": "depth", "transformer_heads": "heads"}
+
+
+def segmenter_class(kind):
+    """The segmenter class of ``kind`` (``unet``, ``hybrid``, ``unetr``,
+    ``slice2d``); ConfigError on an unknown kind."""
+    from rr_tf.models.unet2d import SliceSegmenter
+
+    classes = {"unet": UNetSegmenter, "hybrid": HybridSegmenter, "unetr": UNETRSegmenter,
+               "slice2d": SliceSegmenter}
+    if kind not in classes:
+        raise ConfigError("segmenter", f"unknown kind {kind!r}; available: "
+                          f"{', '.join(classes)}")
+    return classes[kind]
 
 
 def build_segmenter(kind, num_classes, **kwargs):
-    """``UNetSegmenter`` / ``HybridSegmenter`` / ``UNETRSegmenter`` by kind;
-    ConfigError on an unknown kind or argument, or an invalid value."""
-    if kind not in _CLASSES:
-        raise ConfigError("segmenter", f"unknown kind {kind!r}; available: "
-                          f"{', '.join(SEGMENTER_KINDS)}")
+    """The segmenter of ``kind`` (:func:`segmenter_class`) with
+    ``num_classes`` and the constructor arguments ``kwargs``; ConfigError
+    on an unknown kind or argument, or an invalid value."""
+    cls = segmenter_class(kind)
     try:
-        return _CLASSES[kind](num_classes, **kwargs)
-    except TypeError as e:
+        return cls(num_classes, **kwargs)
+    except (TypeError, ValueError) as e:
         raise ConfigError("segmenter", f"{kind}: {e}") from None
-    except ValueError as e:
-        raise ConfigError("segmenter", f"{kind}: {e}") from None
+
+
+def kind_for_parts(parts):
+    """The segmenter kind a pre-trained source's parts initialise (``auto``)."""
+    for kind, key in PART_FOR_KIND.items():
+        if key in parts:
+            return kind
+    raise ConfigError("pretrained", f"no part a segmenter can use (parts: {sorted(parts)})")
+
+
+def architecture_from(parts, kind):
+    """Segmenter constructor arguments read from the pre-trained part's
+    config (so keys and shapes match), for ``kind``."""
+    key = PART_FOR_KIND[kind]
+    if key not in parts:
+        raise ConfigError("segmenter", f"{kind} needs a pre-trained {key!r} part; the source has "
+                          f"{sorted(parts)}")
+    config = parts[key].get_config()
+    cls = segmenter_class(kind)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "kwargs"}
+    args = {}
+    for name, value in config.items():
+        name = _RENAMES.get(name, name)
+        if name in accepted and name not in ("name", "dtype", "trainable"):
+            args[name] = value
+    if kind == "slice2d":  # slices per slab = input channels of the first convolution
+        first = next(v for v in parts[key].weights if v.path.endswith("kernel"))
+        args["slab_size"] = int(first.shape[-2])
+    return args
 
 
 __all__ = [
-    "SEGMENTER_KINDS", "DeconvPath", "HybridSegmenter", "SegmentationHybridEncoder",
-    "UNETRSegmenter", "UNetSegmenter", "UpBlock", "build_segmenter", "default_skip_blocks",
-    "segmenter_kind_for_method", "transfers_decoder",
+    "DeconvPath", "HybridSegmenter", "SegmentationHybridEncoder",
+    "UNETRSegmenter", "UNetSegmenter", "UpBlock", "architecture_from", "build_segmenter",
+    "default_skip_blocks", "kind_for_parts", "segmenter_class", "segmenter_kind_for_method",
+    "transfers_decoder",
 ]

@@ -32,11 +32,11 @@ import keras
 from keras import ops
 
 from rr_tf.models.segmenter_base import _Segmenter
-from rr_tf.models.layers import _register
+from rr_tf.models.layers import register
 from rr_tf.models.unet3d import UNetBase, unet3d_param_count
 
 
-@_register
+@register
 class UNet2D(UNetBase):
     """Configurable 2D U-Net (the Genesis U-Net's plan in 2D; the layers
     are :class:`UNetBase`'s with ``rank = 2``).
@@ -112,7 +112,7 @@ def _unet_from(unet):
     return unet if isinstance(unet, keras.Layer) else keras.saving.deserialize_keras_object(unet)
 
 
-@_register
+@register
 class SliceFeatures(keras.Model):
     """A pre-trained :class:`UNet2D` applied slice by slice to a volume: the
     export wrapper of the sequential multi-task method.
@@ -150,7 +150,7 @@ class SliceFeatures(keras.Model):
         return config
 
 
-@_register
+@register
 class SliceSegmenter(_Segmenter):
     """2D segmenter for volumes: a :class:`UNet2D` (``unet2d``, head =
     ``num_classes`` logits) applied to every axial slice of a volume, with

@@ -19,7 +19,7 @@ Layer paths (for transfer by name): ``enc1/unit1/conv``, ``enc1/unit1/norm``,
 
 import keras
 
-from rr_tf.models.layers import (CONV, CONV_TRANSPOSE, NORMS, ConvBlock, MaxPool, _register,
+from rr_tf.models.layers import (CONV, CONV_TRANSPOSE, NORMS, ConvBlock, MaxPool, register,
                                  with_channels)
 
 
@@ -179,7 +179,7 @@ class UNetBase(keras.Model):
         return config
 
 
-@_register
+@register
 class UNet3D(UNetBase):
     """Configurable Genesis 3D U-Net.
 

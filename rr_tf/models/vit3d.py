@@ -10,7 +10,7 @@ import math
 import keras
 from keras import ops
 
-from rr_tf.models.layers import (PatchEmbedding3D, TransformerEncoder, _register, as_triple,
+from rr_tf.models.layers import (PatchEmbedding3D, TransformerEncoder, register, as_triple,
                                  patchify, sincos_position_embedding_3d)  # noqa: F401 (patchify:
 # re-exported next to unpatchify)
 
@@ -117,7 +117,7 @@ def add_position_embedding(tokens, grid):
 # Models
 # ---------------------------------------------------------------------------
 
-@_register
+@register
 class ViT3D(keras.Model):
     """Plain 3D ViT: ``patch_embed`` -> fixed 3D sin-cos position embedding ->
     ``encoder`` (pre-LN blocks + final LayerNorm). No class token.
@@ -179,7 +179,7 @@ class ViT3D(keras.Model):
         return config
 
 
-@_register
+@register
 class MaskedTokenDecoder(keras.layers.Layer):
     """MAE-style light decoder: ``embed`` (Dense to ``dim``), a learned
     ``mask_token`` for every masked position, un-shuffle, fixed 3D sin-cos

@@ -13,8 +13,6 @@ Run directory (``RunDir``; same resume rules as pre-training)::
     export/               segmenter.keras + SavedModel with sliding window
 """
 
-import inspect
-import json
 import math
 import os
 import sys
@@ -27,7 +25,8 @@ from rr_tf.data.pipeline import StreamConfig, case_dataset, shard_errors_named, 
 from rr_tf.data import recipes
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models import segmenters
-from rr_tf.training import loop, optim
+from rr_tf.runs import source_method, source_parts
+from rr_tf.training import loop
 from rr_tf.training.run_dir import RunDir
 from rr_tf.training.finetune_config import (  # noqa: F401  (re-exported)
     LARGEST_COMPONENT, SEGMENTER_CHOICES, FinetuneConfig, parse_budget)
@@ -85,69 +84,12 @@ def num_classes_of(manifest):
     return max(values) + 1
 
 
-_RENAMES = {"transformer_dim": "dim", "transformer_depth": "depth", "transformer_heads": "heads"}
-
-
-def architecture_from(parts, kind):
-    """Segmenter constructor arguments read from the pre-trained part's
-    config (so keys and shapes match), for ``kind``."""
-    key = {"hybrid": "hybrid", "unetr": "vit", "unet": "unet", "slice2d": "unet2d"}[kind]
-    if key not in parts:
-        raise ConfigError("segmenter", f"{kind} needs a pre-trained {key!r} part; the source has "
-                          f"{sorted(parts)}")
-    config = parts[key].get_config()
-    cls = _segmenter_class(kind)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "kwargs"}
-    args = {}
-    for name, value in config.items():
-        name = _RENAMES.get(name, name)
-        if name in accepted and name not in ("name", "dtype", "trainable"):
-            args[name] = value
-    if kind == "slice2d":  # slices per slab = input channels of the first convolution
-        first = next(v for v in parts[key].weights if v.path.endswith("kernel"))
-        args["slab_size"] = int(first.shape[-2])
-    return args
-
-
-def auto_kind(parts):
-    for key, kind in (("hybrid", "hybrid"), ("vit", "unetr"), ("unet2d", "slice2d"), ("unet", "unet")):
-        if key in parts:
-            return kind
-    raise ConfigError("pretrained", f"no part a segmenter can use (parts: {sorted(parts)})")
-
-
-def _segmenter_class(kind):
-    if kind == "slice2d":
-        from rr_tf.models.unet2d import SliceSegmenter
-
-        return SliceSegmenter
-    return {"unet": segmenters.UNetSegmenter, "hybrid": segmenters.HybridSegmenter,
-            "unetr": segmenters.UNETRSegmenter}[kind]
-
-
-def build_model(kind, num_classes, args):
-    cls = _segmenter_class(kind)
-    try:
-        return cls(num_classes, **args)
-    except (TypeError, ValueError) as err:
-        raise ConfigError("segmenter", f"{kind}: {err}") from None
-
-
 def _start_point(config):
     if not config.pretrained:
         return "from scratch"
     if not config.load_weights:
         return f"from scratch in the architecture of {config.pretrained} (--load_weights=false)"
     return f"from {config.pretrained}"
-
-
-def source_method(path):
-    """The pre-training method name of a run directory (None for exports)."""
-    state = os.path.join(path, "run.json")
-    if os.path.isdir(path) and os.path.exists(state):
-        with open(state) as f:
-            return json.load(f).get("method")
-    return None
 
 
 def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=False,
@@ -157,7 +99,7 @@ def load_pretrained(model, source, parts=None, spec=None, allow_spec_mismatch=Fa
     when the pre-training data were preprocessed differently from ``spec``
     unless ``allow_spec_mismatch``; refuses (ConfigError) when nothing
     matches. Returns the TransferReport."""
-    from rr_tf.transfer import source_parts, transfer
+    from rr_tf.transfer import transfer
 
     if src_parts is None:
         src_parts, src_spec = source_parts(source, flag="pretrained")
@@ -247,11 +189,10 @@ def run_finetuning(config, log=None):
     # read before the run directory is made, so a wrong --pretrained leaves nothing behind
     src_parts = src_spec = None
     if config.pretrained:
-        from rr_tf.transfer import source_parts
-
         src_parts, src_spec = source_parts(config.pretrained, flag="pretrained")
-        kind = auto_kind(src_parts) if config.segmenter == "auto" else config.segmenter
-        args = dict(architecture_from(src_parts, kind), **config.segmenter_args)
+        kind = (segmenters.kind_for_parts(src_parts) if config.segmenter == "auto"
+                else config.segmenter)
+        args = dict(segmenters.architecture_from(src_parts, kind), **config.segmenter_args)
     else:
         kind = "unet" if config.segmenter == "auto" else config.segmenter
         args = dict(config.segmenter_args)
@@ -305,7 +246,7 @@ def run_finetuning(config, log=None):
             lambda b, u: {"image": b["image"], "label": b["label"], "unlabelled": u["view"]})
     preview = next(iter(dataset))
     with strategy.scope():
-        segmenter = build_model(kind, num_classes, args)
+        segmenter = segmenters.build_segmenter(kind, num_classes, **args)
         divisor = getattr(segmenter, "divisor", 1)
         if any(c % divisor for c in config.crop_size):
             raise ConfigError("crop_size", f"the {kind} segmenter needs multiples of {divisor}, "
@@ -322,9 +263,7 @@ def run_finetuning(config, log=None):
         else:
             task = SegmentationTask(segmenter, num_classes, config.class_weights,
                                     config.freeze_encoder_steps)
-        task.compile(optimizer=optim.build_optimizer(
-            config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
-            config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
+        task.compile(optimizer=config.build_optimizer(), jit_compile=jit)
         task.build_for(preview)
         if config.pretrained and config.load_weights and step0 == 0:
             report = load_pretrained(segmenter, config.pretrained, config.parts, spec,
@@ -358,11 +297,7 @@ def run_finetuning(config, log=None):
                        unlabelled_batch_size=config.unlabelled_batch_size or config.batch_size,
                        consistency_noise=config.consistency_noise)
     result = loop.train(task, dataset, run,
-                        loop.TrainConfig(train_steps=config.train_steps,
-                                         checkpoint_every=config.checkpoint_every,
-                                         keep_checkpoints=config.keep_checkpoints,
-                                         log_every=config.log_every, image_every=config.image_every,
-                                         global_batch_size=config.batch_size, verbose=config.verbose),
+                        config.train_config(),
                         preview_batch=preview, hparams=hparams, callbacks=extra)
     best = _read_best(os.path.join(run.path, "best"))
     if best is not None:

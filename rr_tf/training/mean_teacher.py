@@ -40,10 +40,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from rr_tf.methods.masking import optimizer_step
+from rr_tf.optim import optimizer_step
 from rr_tf.models import rng
 from rr_tf.models.momentum import MomentumEncoder, copy_weights
-from rr_tf.training import optim
+from rr_tf import optim
 from rr_tf.training.segmentation import SegmentationTask, foreground_dice
 
 # noise is clipped at this many standard deviations (Yu et al.: 0.1, clip 0.2)

@@ -10,9 +10,8 @@ from rr_tf.data import records
 from rr_tf.data.pipeline import StreamConfig, pair_view_dataset, shard_errors_named, view_dataset
 from rr_tf.errors import ConfigError
 from rr_tf.methods import get_method
-from rr_tf.training import loop, optim
+from rr_tf.training import loop
 from rr_tf.training.probe import DEFAULT_EVERY, LinearProbe, ProbeCallback, ProbeConfig
-from rr_tf.training.run_dir import RunDir
 from rr_tf.training.settings import RunSettings
 
 _DATA_RESEED = 1_000_003  # data seed = seed + _DATA_RESEED * resumed step
@@ -41,28 +40,6 @@ class PretrainConfig(RunSettings):
             raise ConfigError("pairing", f"must be 'views' or 'patient', got {self.pairing!r}")
         if self.init_from and not os.path.exists(self.init_from):
             raise ConfigError("init_from", f"{self.init_from} does not exist")
-
-
-def load_trained(run_dir):
-    """Rebuilds the method of a pre-training run directory and restores its
-    newest checkpoint (for export or inspection). Returns (method, spec)."""
-    from rr_tf.data.spec import PreprocessSpec
-
-    run = RunDir(run_dir)
-    state = run.state()
-    if state is None or "method_config" not in state:
-        raise ConfigError("run_dir", f"{run.path} is not a pre-training run directory")
-    if not os.path.exists(run.spec):
-        raise ConfigError("run_dir", f"{run.spec} is missing")
-    with open(run.spec) as f:
-        spec = PreprocessSpec.from_json(f.read())
-    cls = get_method(state["method"])
-    method = cls(cls.Config(**state["method_config"]), seed=state.get("seed", 0))
-    method.compile(optimizer=optim.build_optimizer("adamw", 1e-3, 2), jit_compile=False)
-    method.build_for(cls.example_batch(tuple(state["crop_size"])))
-    if not loop.restore_weights(method, run.checkpoints):
-        raise ConfigError("run_dir", f"{run.checkpoints} holds no checkpoint yet")
-    return method, spec
 
 
 def micle_summary(manifest):
@@ -125,9 +102,7 @@ def run_pretraining(config, log=None):
     preview = next(iter(dataset))
     with strategy.scope():
         method = cls(method_config, seed=config.seed)
-        method.compile(optimizer=optim.build_optimizer(
-            config.optimizer, config.learning_rate, config.train_steps, config.weight_decay,
-            config.warmup_steps, mixed_precision=config.mixed_precision), jit_compile=jit)
+        method.compile(optimizer=config.build_optimizer(), jit_compile=jit)
         method.build_for(preview)
         if config.init_from and step0 == 0:
             report = method.init_from(config.init_from)
@@ -139,11 +114,7 @@ def run_pretraining(config, log=None):
                    learning_rate=config.learning_rate, optimizer=config.optimizer,
                    spec_hash=spec.hash)
     result = loop.train(method, dataset, run,
-                        loop.TrainConfig(train_steps=config.train_steps,
-                                         checkpoint_every=config.checkpoint_every,
-                                         keep_checkpoints=config.keep_checkpoints,
-                                         log_every=config.log_every, image_every=config.image_every,
-                                         global_batch_size=config.batch_size, verbose=config.verbose),
+                        config.train_config(),
                         preview_batch=preview, hparams=hparams,
                         callbacks=[probe] if probe else None)
     metrics = dict(result["metrics"], step=result["step"], spec_hash=spec.hash, method=config.method)

@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from rr_tf.errors import ConfigError
+from rr_tf.utils.files import atomic_write_json
 
 DEFAULT_EVERY = 500
 
@@ -334,10 +335,7 @@ class ProbeCallback(keras.callbacks.Callback):
         self.writer.flush()
         self.results = [r for r in self.results if r["step"] < step] + [result]
         if self.json_path:
-            tmp = f"{self.json_path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(self.results, f, indent=1)
-            os.replace(tmp, self.json_path)
+            atomic_write_json(self.json_path, self.results)
         self.log(f"probe at step {step}: mean Dice {result['mean_dice']:.3f}, accuracy "
                  f"{result['accuracy']:.3f} ({result['seconds']:.1f} s)")
 

@@ -29,15 +29,8 @@ import shutil
 import tempfile
 
 from rr_tf.errors import ConfigError
-
-STATE_NAME = "run.json"
-
-
-def _atomic_write(path, text):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from rr_tf.runs import CHECKPOINTS_NAME, SPEC_NAME, STATE_NAME
+from rr_tf.utils.files import atomic_write, atomic_write_json
 
 
 class RunDir:
@@ -46,9 +39,9 @@ class RunDir:
     def __init__(self, path):
         self.path = os.path.abspath(str(path))
         self.flags = os.path.join(self.path, "flags.txt")
-        self.spec = os.path.join(self.path, "preprocess.json")
+        self.spec = os.path.join(self.path, SPEC_NAME)
         self.state_path = os.path.join(self.path, STATE_NAME)
-        self.checkpoints = os.path.join(self.path, "checkpoints")
+        self.checkpoints = os.path.join(self.path, CHECKPOINTS_NAME)
         self.tensorboard = os.path.join(self.path, "tensorboard")
         self.export = os.path.join(self.path, "export")
         self.metrics = os.path.join(self.path, "metrics.json")
@@ -117,23 +110,23 @@ class RunDir:
                                   "to continue it")
         os.makedirs(self.checkpoints, exist_ok=True)
         os.makedirs(self.tensorboard, exist_ok=True)
-        _atomic_write(self.spec, spec.to_json() + "\n")
+        atomic_write(self.spec, spec.to_json() + "\n")
         self.write_state(method=method, spec_hash=spec.hash, train_steps=train_steps,
                          last_step=(state or {}).get("last_step", 0), finished=False)
         return state is not None
 
     def write_state(self, **fields):
         state = dict(self._own_state() or {}, **fields)
-        _atomic_write(self.state_path, json.dumps(state, indent=1) + "\n")
+        atomic_write_json(self.state_path, state)
 
     def write_json(self, name, value):
         """``name`` (a file in the run directory) holding ``value`` as JSON."""
-        _atomic_write(os.path.join(self.path, name), json.dumps(value, indent=1) + "\n")
+        atomic_write_json(os.path.join(self.path, name), value)
 
     def write_flags(self, text):
         """The resolved flags (``flags.txt``), if any."""
         if text:
-            _atomic_write(self.flags, text)
+            atomic_write(self.flags, text)
 
     def write_metrics(self, metrics):
-        _atomic_write(self.metrics, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        atomic_write_json(self.metrics, metrics, sort_keys=True)

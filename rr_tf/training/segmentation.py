@@ -18,10 +18,10 @@ import tensorflow as tf
 from keras import ops
 
 from rr_tf import losses
-from rr_tf.models.momentum import num_replicas, sum_over_replicas
-from rr_tf.training import optim
-from rr_tf.training.strategy import DistributedFitMixin
+from rr_tf import optim
+from rr_tf.distribute import DistributedFitMixin, num_replicas, sum_over_replicas
 from rr_tf.utils.figures import tensorboard_overlay
+from rr_tf.utils.files import atomic_write_json
 from rr_tf.training.callbacks import _step
 
 
@@ -228,7 +228,4 @@ def _write_best(best_dir, segmenter, info):
     tmp = os.path.join(best_dir, f".segmenter.tmp-{os.getpid()}.weights.h5")
     segmenter.save_weights(tmp)
     os.replace(tmp, os.path.join(best_dir, "segmenter.weights.h5"))
-    tmp = os.path.join(best_dir, f".best.tmp-{os.getpid()}.json")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(best_dir, "best.json"))
+    atomic_write_json(os.path.join(best_dir, "best.json"), info)

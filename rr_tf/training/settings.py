@@ -5,9 +5,9 @@ kinds' configs (``PretrainConfig``, ``FinetuneConfig``) extend it."""
 import dataclasses
 
 from rr_tf.errors import ConfigError
+from rr_tf.optim import OPTIMIZERS  # noqa: F401  (launch/flagutil reads it here)
 
 VERBOSITY = {"bar": 1, "line": 2, "none": 0}  # console progress -> Keras verbose
-OPTIMIZERS = ("adamw", "sgd", "lamb", "nnunet_sgd")  # rr_tf.training.optim builds them
 SHARD_CHECKS = ("size", "sha256")  # how shards are checked against the manifest before reading
 
 # where fine-tuning's defaults differ from pre-training's (FinetuneConfig and
@@ -60,6 +60,24 @@ class RunSettings:
         step0 = st.from_chief(strategy, loop.latest_step(run.checkpoints) if run.is_chief else 0)
         keras.utils.set_random_seed(self.seed)
         return strategy, jit, step0
+
+    def build_optimizer(self):
+        """The run's optimizer and schedule (:func:`rr_tf.optim.build_optimizer`)."""
+        from rr_tf.optim import build_optimizer
+
+        return build_optimizer(self.optimizer, self.learning_rate, self.train_steps,
+                               self.weight_decay, self.warmup_steps,
+                               mixed_precision=self.mixed_precision)
+
+    def train_config(self):
+        """The training loop's settings of the run (checkpoints, logging)."""
+        from rr_tf.training import loop
+
+        return loop.TrainConfig(train_steps=self.train_steps,
+                                checkpoint_every=self.checkpoint_every,
+                                keep_checkpoints=self.keep_checkpoints,
+                                log_every=self.log_every, image_every=self.image_every,
+                                global_batch_size=self.batch_size, verbose=self.verbose)
 
     def run_dir_of_this_worker(self):
         """The RunDir of ``run_dir`` this process writes: the run directory

@@ -18,6 +18,7 @@ import os
 
 import tensorflow as tf
 
+from rr_tf.distribute import is_multi_worker
 from rr_tf.errors import ConfigError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -87,10 +88,6 @@ def from_chief(strategy, value):
     return int(strategy.reduce("SUM", mine, axis=None))
 
 
-def is_multi_worker(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
-
 def for_workers(dataset, strategy):
     """``dataset`` as the multi-worker ``strategy`` must split it: every
     worker runs the whole (identically seeded) stream and keeps its own part
@@ -104,47 +101,6 @@ def for_workers(dataset, strategy):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
-
-
-class DistributedFitMixin:
-    """For the keras.Models rr_tf trains with ``fit`` (pre-training methods,
-    the segmentation tasks): works around two Keras 3.15 defects under
-    MultiWorkerMirroredStrategy (minimal repro and details in docs/gpu.md):
-
-    - ``fit`` first builds the model from one batch, made a single tensor
-      with ``strategy.reduce("MEAN", batch)``, which TF 2.21's collective
-      reduce refuses for a dict ("Attempt to convert a value ({'box1':
-      PerReplica...}) with an unsupported type (<class 'dict'>) to a
-      Tensor"). Only the shapes matter there, so the first local replica's
-      part of the batch is taken instead (no cross-worker traffic).
-    - the train step's logs are averaged over workers with
-      ``strategy.reduce("MEAN", value, axis=0)``, which fails for the scalar
-      a train step returns ("Invalid reduction dimension 0 for input with 0
-      dimensions"); :meth:`replica_logs` gives them a length-1 axis there,
-      which that reduction averages away again.
-    """
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
-            for _, _, it in iterator:
-                batch = next(it)
-                break
-            else:  # an empty epoch: nothing to build from
-                return None
-            local = self._distribute_strategy.experimental_local_results
-            data_batch = tf.nest.map_structure(
-                lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v,
-                batch)
-            iterator = None
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    @staticmethod
-    def replica_logs(logs):
-        """A train step's ``{name: scalar}`` logs as Keras must receive them
-        from a replica (unchanged except under MultiWorkerMirroredStrategy)."""
-        if tf.distribute.has_strategy() and is_multi_worker(tf.distribute.get_strategy()):
-            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
-        return logs
 
 
 def accelerator_kind():
