@@ -124,6 +124,28 @@ def test_plot_is_skipped_with_a_hint_without_matplotlib(tmp_path, monkeypatch):
     assert (tmp_path / "results.json").exists()
 
 
+def _fake_launcher(calls, kind, dice_of_seed):
+    """experiment.run stand-in: records each command; a fine-tuning leaves a
+    finished run.json of segmenter ``kind``, an inference the test metrics
+    of Dice ``dice_of_seed(seed)`` (seed read from the run directory)."""
+    def fake_run(out, cmd):
+        calls.append(cmd)
+        run_dir = next((a.split("=", 1)[1] for a in cmd
+                        if a.startswith(("--run_dir=", "--model="))), None)
+        if cmd[1] == "launch/finetune.py":
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "run.json"), "w") as f:
+                json.dump({"kind": kind, "finished": True}, f)
+        if cmd[1] == "launch/infer.py":
+            seed = int(run_dir.rsplit("_s", 1)[1])
+            os.makedirs(os.path.join(run_dir, "test_metrics"))
+            with open(os.path.join(run_dir, "test_metrics", "metrics.json"), "w") as f:
+                json.dump({"summary": {"classes": {"liver": {"dice_mean": 0.9}},
+                                       "overall": {"dice_class_mean": dice_of_seed(seed)}}}, f)
+        return 1.0
+    return fake_run
+
+
 def test_scored_runs_are_not_launched_again(tmp_path, monkeypatch):
     s = _settings(num_labeled=[1], seeds=2)
     for arm in ("scratch", "reprec"):
@@ -140,22 +162,7 @@ def test_scored_runs_are_not_launched_again(tmp_path, monkeypatch):
     os.remove(experiment.score_path(str(tmp_path), "scratch", 1, 1))
     pretrained = []
 
-    def fake_run(out, cmd):
-        calls.append(cmd)
-        run_dir = next((a.split("=", 1)[1] for a in cmd
-                        if a.startswith(("--run_dir=", "--model="))), None)
-        if cmd[1] == "launch/finetune.py":
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "run.json"), "w") as f:
-                json.dump({"kind": "unet", "finished": True}, f)
-        if cmd[1] == "launch/infer.py":
-            os.makedirs(os.path.join(run_dir, "test_metrics"))
-            with open(os.path.join(run_dir, "test_metrics", "metrics.json"), "w") as f:
-                json.dump({"summary": {"classes": {"liver": {"dice_mean": 0.9}},
-                                       "overall": {"dice_class_mean": 0.3}}}, f)
-        return 1.0
-
-    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr(experiment, "run", _fake_launcher(calls, "unet", lambda seed: 0.3))
     monkeypatch.setattr(experiment, "prepare_data", lambda out, s: ("POOL", "LAB", "TEST"))
     monkeypatch.setattr(experiment, "pretrain", lambda *a: pretrained.append(a))
     scores = experiment.run_experiment(str(tmp_path), s)
@@ -229,24 +236,8 @@ def test_control_arm_fine_tunes_the_method_architecture_without_its_weights(tmp_
         _score(tmp_path, "moco", 1, seed, a)
     calls, pretrained = [], []
 
-    def fake_run(out, cmd):
-        calls.append(cmd)
-        run_dir = next((a.split("=", 1)[1] for a in cmd
-                        if a.startswith(("--run_dir=", "--model="))), None)
-        if cmd[1] == "launch/finetune.py":
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "run.json"), "w") as f:
-                json.dump({"kind": "hybrid", "finished": True}, f)
-        if cmd[1] == "launch/infer.py":
-            seed = int(run_dir.rsplit("_s", 1)[1])
-            os.makedirs(os.path.join(run_dir, "test_metrics"))
-            with open(os.path.join(run_dir, "test_metrics", "metrics.json"), "w") as f:
-                json.dump({"summary": {"classes": {"liver": {"dice_mean": 0.9}},
-                                       "overall": {"dice_class_mean": [0.45, 0.5, 0.6][seed]}}},
-                          f)
-        return 1.0
-
-    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr(experiment, "run",
+                        _fake_launcher(calls, "hybrid", lambda seed: [0.45, 0.5, 0.6][seed]))
     monkeypatch.setattr(experiment, "prepare_data", lambda out, s: ("POOL", "LAB", "TEST"))
     monkeypatch.setattr(experiment, "pretrain", lambda out, s, m, pool: pretrained.append(m))
     scores = experiment.run_experiment(str(tmp_path), s)
