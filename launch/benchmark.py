@@ -26,6 +26,17 @@
       (../shared/bench/torch_unet_step.py), alternated with ours over
       --rounds rounds in one run; the ratio is of the medians.
 
+  python launch/benchmark.py --mode=memory --method=all
+      the memory each method's published configuration (configs/<method>.flags:
+      model, crop, optimizer) needs, measured on this CPU: parameters, the
+      bytes of every variable (weights, EMA copies, queues) and optimizer
+      slot, and the peak resident-memory growth over two train steps at
+      batch 1 and batch 2, whose difference is the activation memory per
+      sample; from them an estimate at the published batch (per replica:
+      divide the batch by the replicas). CPU TensorFlow, not GPU XLA: the
+      figures bound the parameter/activation part, not cuDNN workspaces or
+      XLA's fusion savings.
+
 Mode 'e2e' (a whole pre-train -> fine-tune -> infer timing) is not
 implemented and is refused with a clear message.
 """
@@ -50,7 +61,8 @@ flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_enum("mode", None, ["data", "model", "finetune", "e2e"], "What to measure.")
+flags.DEFINE_enum("mode", None, ["data", "model", "finetune", "memory", "e2e"],
+                  "What to measure.")
 flags.DEFINE_integer("repeats", 5, "Phantoms timed per size (median reported).", lower_bound=1)
 flags.DEFINE_integer("num_cases", 12, "NIfTI cases in the preprocessing throughput run.", lower_bound=2)
 flags.DEFINE_string("spacing", "3,3,3", "Target spacing of the throughput run (mm).")
@@ -289,6 +301,87 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
     queue.put((synth_rate, e2e_rate, flops, peak))
 
 
+def _proc_kb(field):
+    """A /proc/self/status field in kB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _memory_child(method_name, crop, batch, overrides, optimizer, queue):
+    """Peak resident-memory growth (kB) of building ``method_name`` and two
+    train steps at ``batch`` on random volumes, over the process after
+    TensorFlow's start; with the parameter count and the bytes of every
+    model and optimizer variable."""
+    import dataclasses
+
+    import numpy as np
+    import tensorflow as tf
+    from rr_tf.methods import get_method
+    from rr_tf.optim import build_optimizer
+
+    tf.constant(1.0) + 1.0  # the runtime's own memory is the baseline
+    base = _proc_kb("VmRSS")
+    cls = get_method(method_name)
+    cfg = dataclasses.replace(cls.Config(), **overrides)
+    if getattr(cfg, "mid_decay_steps", None) == 0:  # PCRLv2: 0 = "the run's train_steps"
+        cfg = dataclasses.replace(cfg, mid_decay_steps=1000)
+    method = cls(cfg)
+    method.compile(optimizer=build_optimizer(optimizer, 1e-4, 1000), jit_compile=False)
+    example = cls.example_batch(crop, batch)
+    synthetic = tf.nest.map_structure(
+        lambda t: tf.random.uniform(t.shape, dtype=t.dtype) if t.dtype.is_floating else t, example)
+    method.build_for(synthetic)
+    step = tf.function(method.train_step)
+    float(step(synthetic)["loss"])  # traces; the optimizer makes its slots
+    t0 = time.perf_counter()
+    float(step(synthetic)["loss"])
+    seconds = time.perf_counter() - t0
+
+    def nbytes(variables):
+        return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+    queue.put({"params": int(sum(np.prod(v.shape) for v in method.trainable_variables)),
+               "model_bytes": nbytes(method.variables),
+               "optimizer_bytes": nbytes(method.optimizer.variables),
+               "peak_kb": _proc_kb("VmHWM") - base, "step_s": seconds})
+
+
+def run_memory():
+    """Every method (or --method) at its published configuration: batch g
+    and 2g in fresh processes (g = 1, or the key BatchNorm groups); the
+    difference / g is the activation memory per sample."""
+    from rr_tf.methods import get_method, method_names
+
+    names = method_names() if FLAGS.method == "all" else (FLAGS.method,)
+    lines = []
+    for name in names:
+        path = os.path.join(ROOT, "configs", f"{name}.flags")
+        overrides, crop = flagutil.flagfile_config(path, get_method(name).Config)
+        values = flagutil.flagfile_values(path)
+        optimizer, published = values.get("optimizer", "adamw"), int(values["batch_size"])
+        # the smallest batch the method accepts (its key BatchNorm groups must divide it) and twice it
+        g = max(int(getattr(get_method(name).Config(**overrides), "key_bn_groups", 1) or 1), 1)
+        one, two = (_in_child(_memory_child, name, tuple(crop), b, overrides, optimizer)
+                    for b in (g, 2 * g))
+        per_sample = max(two["peak_kb"] - one["peak_kb"], 0) / 1024 ** 2 / g
+        fixed = one["peak_kb"] / 1024 ** 2 - g * per_sample
+        state = (one["model_bytes"] + one["optimizer_bytes"]) / 1024 ** 3
+        lines.append(
+            f"| {name}, published config, crop {'x'.join(map(str, crop))}, {optimizer} | "
+            f"{one['params'] / 1e6:.1f} M parameters; variables {one['model_bytes'] / 1024 ** 2:.0f} "
+            f"MB + optimizer {one['optimizer_bytes'] / 1024 ** 2:.0f} MB; peak growth batch {g} / {2 * g}: "
+            f"{one['peak_kb'] / 1024 ** 2:.2f} / {two['peak_kb'] / 1024 ** 2:.2f} GB "
+            f"(second step {one['step_s']:.1f} / {two['step_s']:.1f} s); activations "
+            f"{per_sample:.2f} GB per sample; **estimated at the published batch {published}: "
+            f"{fixed + published * per_sample:.1f} GB** ({fixed:.2f} GB fixed, of which "
+            f"{state:.2f} GB variables and optimizer state) | - |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def demo_overrides(name):
     """The method-Config values and crop size of the method's demo flagfile."""
     from rr_tf.methods import get_method
@@ -444,6 +537,7 @@ def write_section(path, mode, lines):
                  f"--rounds={FLAGS.rounds} --finetune_data_dir={FLAGS.finetune_data_dir}"
                  + (" --torch_python=PYTHON_WITH_TORCH" if FLAGS.torch_python else "") + "`  "
                  if mode == "finetune" else
+                 f"--method={FLAGS.method}`  " if mode == "memory" else
                  f"--method={FLAGS.method} --steps={FLAGS.steps} --data_dir={FLAGS.data_dir}`  "),
               f"Machine: {machine()}  ",
               f"Date: {datetime.date.today().isoformat()}", "",
@@ -467,13 +561,15 @@ def main(argv):
                       "(launch/experiment.py records the timings of a whole experiment)")
     from rr_tf.methods import method_names
 
-    if FLAGS.mode == "model" and FLAGS.method not in method_names() + ("all",):
+    if FLAGS.mode in ("model", "memory") and FLAGS.method not in method_names() + ("all",):
         flagutil.fail(__file__, f"--method={FLAGS.method}: unknown; available: "
                       f"{', '.join(method_names())}, all")
     if FLAGS.mode == "data":
         lines = run_data()
     elif FLAGS.mode == "finetune":
         lines = run_finetune()
+    elif FLAGS.mode == "memory":
+        lines = run_memory()
     else:
         lines = run_model_all() if FLAGS.method == "all" else run_model()
     print("\n".join(lines))
