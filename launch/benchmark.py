@@ -259,11 +259,12 @@ def matmul_peak_gflops(n=2048, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
+def _built_method(method_name, crop, batch, overrides, optimizer):
+    """(method, synthetic batch): ``method_name`` with ``overrides`` on its
+    Config, compiled with ``optimizer`` and built on a random batch."""
     import dataclasses
 
     import tensorflow as tf
-    from rr_tf.data.pipeline import StreamConfig, view_dataset
     from rr_tf.methods import get_method
     from rr_tf.optim import build_optimizer
 
@@ -272,11 +273,20 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
     if getattr(cfg, "mid_decay_steps", None) == 0:  # PCRLv2: 0 = "the run's train_steps"
         cfg = dataclasses.replace(cfg, mid_decay_steps=1000)  # the optimizer schedule's length
     method = cls(cfg)
-    method.compile(optimizer=build_optimizer("adamw", 1e-4, 1000), jit_compile=False)
+    method.compile(optimizer=build_optimizer(optimizer, 1e-4, 1000), jit_compile=False)
     example = cls.example_batch(crop, batch)
     synthetic = tf.nest.map_structure(  # random volumes; integer fields keep their example values
         lambda t: tf.random.uniform(t.shape, dtype=t.dtype) if t.dtype.is_floating else t, example)
     method.build_for(synthetic)
+    return method, synthetic
+
+
+def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
+    import tensorflow as tf
+    from rr_tf.data.pipeline import StreamConfig, view_dataset
+
+    method, synthetic = _built_method(method_name, crop, batch, overrides, "adamw")
+    cls, cfg = type(method), method.config
     step = tf.function(method.train_step)
     concrete = step.get_concrete_function(synthetic)
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
@@ -301,39 +311,18 @@ def _model_child(method_name, crop, batch, overrides, steps, data_dir, queue):
     queue.put((synth_rate, e2e_rate, flops, peak))
 
 
-def _proc_kb(field):
-    """A /proc/self/status field in kB (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _memory_child(method_name, crop, batch, overrides, optimizer, queue):
     """Peak resident-memory growth (kB) of building ``method_name`` and two
     train steps at ``batch`` on random volumes, over the process after
     TensorFlow's start; with the parameter count and the bytes of every
     model and optimizer variable."""
-    import dataclasses
-
     import numpy as np
     import tensorflow as tf
-    from rr_tf.methods import get_method
-    from rr_tf.optim import build_optimizer
+    from rr_tf.utils.memory import rss_bytes
 
     tf.constant(1.0) + 1.0  # the runtime's own memory is the baseline
-    base = _proc_kb("VmRSS")
-    cls = get_method(method_name)
-    cfg = dataclasses.replace(cls.Config(), **overrides)
-    if getattr(cfg, "mid_decay_steps", None) == 0:  # PCRLv2: 0 = "the run's train_steps"
-        cfg = dataclasses.replace(cfg, mid_decay_steps=1000)
-    method = cls(cfg)
-    method.compile(optimizer=build_optimizer(optimizer, 1e-4, 1000), jit_compile=False)
-    example = cls.example_batch(crop, batch)
-    synthetic = tf.nest.map_structure(
-        lambda t: tf.random.uniform(t.shape, dtype=t.dtype) if t.dtype.is_floating else t, example)
-    method.build_for(synthetic)
+    base = rss_bytes()
+    method, synthetic = _built_method(method_name, crop, batch, overrides, optimizer)
     step = tf.function(method.train_step)
     float(step(synthetic)["loss"])  # traces; the optimizer makes its slots
     t0 = time.perf_counter()
@@ -346,7 +335,7 @@ def _memory_child(method_name, crop, batch, overrides, optimizer, queue):
     queue.put({"params": int(sum(np.prod(v.shape) for v in method.trainable_variables)),
                "model_bytes": nbytes(method.variables),
                "optimizer_bytes": nbytes(method.optimizer.variables),
-               "peak_kb": _proc_kb("VmHWM") - base, "step_s": seconds})
+               "peak_kb": (rss_bytes("VmHWM") - base) // 1024, "step_s": seconds})
 
 
 def run_memory():

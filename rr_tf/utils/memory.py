@@ -20,12 +20,13 @@ import threading
 GIB = 1024 ** 3
 
 
-def rss_bytes():
-    """Resident set size of this process (VmRSS), or None off Linux."""
+def rss_bytes(field="VmRSS"):
+    """Resident set size of this process (VmRSS; ``field="VmHWM"``: its
+    peak), or None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
