@@ -47,6 +47,10 @@ flags.DEFINE_enum("norm", None, ["batch", "sync_batch", "group", "instance", "no
 flags.DEFINE_integer("decoder_width", None, "Hybrid and UNETR segmenters: decoder channels per "
                      "unit of stride (default: hybrid 2 x base width, UNETR 16); not for unet.",
                      lower_bound=1)
+flags.DEFINE_integer("deep_supervision", 0, "U-Net segmenter: extra 1x1x1 heads on the decoder "
+                     "outputs at strides 2, 4, ... trained on the subsampled label with weights "
+                     "halving per resolution (nnU-Net's deep supervision); 0 = off, at most "
+                     "levels - 2. Inference and the export use the main head only.", lower_bound=0)
 flagutil.define_memory_flag()
 flagutil.define_run_flags(FINETUNE_DEFAULTS, helps=dict(
     crop_size="Patch (and sliding window) size D,H,W.",
@@ -156,6 +160,8 @@ def main(argv):
             weights = tuple(float(w) for w in FLAGS.class_weights)
         args = {k: FLAGS[k].value for k in ("base_width", "levels", "norm", "decoder_width")
                 if FLAGS[k].value is not None}
+        if FLAGS.deep_supervision:
+            args["deep_supervision"] = FLAGS.deep_supervision
         config = FinetuneConfig(
             data_dir=FLAGS.data_dir, run_dir=FLAGS.run_dir, pretrained=FLAGS.pretrained,
             parts=tuple(FLAGS.parts) if FLAGS.parts else None,

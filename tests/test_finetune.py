@@ -561,3 +561,64 @@ def test_load_weights_false_needs_pretrained(shards, tmp_path):
                                       load_weights=False, train_steps=1, verbose=0),
                        log=lambda m: None)
     assert not (tmp_path / "ft").exists()
+
+
+# ------------------------------------------------------------ deep supervision
+def test_deep_supervision_loss_is_the_weighted_sum_over_strides_and_trains_every_head():
+    import tensorflow as tf
+
+    from rr_tf import losses
+    from rr_tf.models.segmenters import build_segmenter
+    from rr_tf.optim import build_optimizer
+    from rr_tf.training.segmentation import SegmentationTask, deep_supervision_weights
+
+    assert deep_supervision_weights(0) == [1.0]
+    np.testing.assert_allclose(deep_supervision_weights(2), [4 / 7, 2 / 7, 1 / 7])
+    keras.utils.set_random_seed(2)
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 16, 16, 16, 1), dtype=np.float32)
+    label = rng.integers(0, 4, (2, 16, 16, 16, 1)).astype("int32")
+    seg = build_segmenter("unet", 4, base_width=2, levels=4, deep_supervision=2)
+    task = SegmentationTask(seg, 4)
+    task.compile(optimizer=build_optimizer("sgd", 1e-2, 10), jit_compile=False)
+    task.build_for({"image": image, "label": label})
+    # by hand: stride-s outputs against the label subsampled at every s-th voxel
+    outs = seg.deep_outputs(image, training=True)
+    want = sum(w * float(losses.dice_ce_loss(o, label[:, ::s, ::s, ::s], 4))
+               for w, o, s in zip([4 / 7, 2 / 7, 1 / 7], outs, (1, 2, 4)))
+    with tf.GradientTape() as tape:
+        loss, logits = task.supervised(image, label)
+    assert abs(float(loss) - want) < 1e-5 * max(1.0, want)
+    assert tuple(logits.shape) == (2, 16, 16, 16, 4)
+    grads = dict(zip([v.path for v in seg.trainable_variables],
+                     tape.gradient(loss, seg.trainable_variables)))
+    for k in (1, 2):
+        g = [g for p, g in grads.items() if f"ds_head{k}" in p]
+        assert g and all(x is not None and float(tf.reduce_max(tf.abs(x))) > 0 for x in g), k
+    # the same step compiles under XLA (what a GPU user gets) and gives the same loss
+    xla = SegmentationTask(seg, 4)
+    xla.compile(optimizer=build_optimizer("sgd", 0.0, 10), jit_compile=True)
+    step = tf.function(lambda i, lab: xla.supervised(i, lab)[0], jit_compile=True)
+    assert abs(float(step(image, label)) - float(task.supervised(image, label)[0])) < 1e-4
+
+
+def test_finetune_with_deep_supervision_exports_a_main_head_segmenter(shards, tmp_path):
+    run = tmp_path / "ft_ds"
+    cfg = FinetuneConfig(data_dir=shards, run_dir=str(run), num_labeled="2",
+                         segmenter_args={"base_width": 2, "levels": 3, "deep_supervision": 1},
+                         train_steps=2, batch_size=2, crop_size=(16, 16, 16), checkpoint_every=2,
+                         val_every=2, verbose=0, seed=1, export=True)
+    metrics = run_finetuning(cfg, log=lambda m: None)
+    assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
+    assert json.load(open(run / "run.json"))["segmenter_args"]["deep_supervision"] == 1
+    model = SegmentationModel.load(str(run))
+    volume = Volume(np.zeros((20, 20, 20), np.float32), np.eye(4))
+    labels, _ = model.segment(volume)
+    assert labels.shape == (20, 20, 20)
+    # a segmenter without the heads refuses it by name, before the run directory exists
+    with pytest.raises(ConfigError, match="deep_supervision"):
+        run_finetuning(FinetuneConfig(data_dir=shards, run_dir=str(tmp_path / "bad"),
+                                      segmenter="hybrid",
+                                      segmenter_args={"base_width": 2, "deep_supervision": 1},
+                                      train_steps=1, verbose=0), log=lambda m: None)
+    assert not (tmp_path / "bad").exists()

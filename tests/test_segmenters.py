@@ -293,3 +293,33 @@ def test_factory_and_method_map():
     assert {m: segmenter_kind_for_method(m) for m in expected} == expected
     with pytest.raises(ConfigError, match="method"):
         segmenter_kind_for_method("byol")
+
+
+# ------------------------------------------------------------- deep supervision
+def test_unet_deep_supervision_heads_give_strided_logits_and_leave_call_alone():
+    keras.utils.set_random_seed(4)
+    model = build_segmenter("unet", 3, base_width=2, levels=4, deep_supervision=2)
+    x = rand(*SHAPE)
+    outs = model.deep_outputs(x, training=False)
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 32, 32, 3), (2, 16, 16, 16, 3),
+                                             (2, 8, 8, 8, 3)]
+    assert all(o.dtype == "float32" for o in outs)
+    # call (inference, export) is the main head alone
+    np.testing.assert_allclose(model(x, training=False), outs[0], atol=1e-6)
+    # the heads read the decoder outputs at their stride: the channels of encoder stages 2, 3
+    assert [tuple(h.kernel.shape) for h in model.ds_heads] == [(1, 1, 1, 8, 3), (1, 1, 1, 16, 3)]
+    # a config round trip keeps the heads, and the same variables load by key
+    clone = UNetSegmenter.from_config(model.get_config())
+    clone.build((None, 32, 32, 32, 1))
+    assert clone.deep_supervision == 2
+    assert sorted(variables_by_key(clone)) == sorted(variables_by_key(model))
+    # a plain U-Net's variables are a subset: a pre-trained U-Net loads into it unchanged
+    plain = built(build_segmenter("unet", 3, base_width=2, levels=4))
+    extra = set(variables_by_key(model)) - set(variables_by_key(plain))
+    assert extra and all("ds_head" in k for k in extra)
+
+
+@pytest.mark.parametrize("heads", [-1, 3])
+def test_unet_deep_supervision_is_refused_beyond_the_decoder(heads):
+    with pytest.raises(ConfigError, match="deep_supervision.*must be in \\[0, 2\\]"):
+        build_segmenter("unet", 3, base_width=2, levels=4, deep_supervision=heads)

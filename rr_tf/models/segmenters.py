@@ -64,16 +64,30 @@ class UNetSegmenter(_Segmenter):
     in the first unit after each concatenation; RepRec's CNN has one more
     stage (``enc5``, unused).
 
-    Args: ``num_classes`` (>= 2), ``base_width``, ``levels``, ``norm`` as UNet3D.
+    Args: ``num_classes`` (>= 2), ``base_width``, ``levels``, ``norm`` as UNet3D;
+    ``deep_supervision``: extra 1x1x1 heads ``ds_head1``, ``ds_head2``, ...
+    on the decoder outputs at strides 2, 4, ... (nnU-Net's deep supervision;
+    0 to ``levels - 2``). They only feed the training loss
+    (:meth:`deep_outputs`); ``call``, inference and the export use the main
+    head alone.
     """
 
-    def __init__(self, num_classes, base_width=32, levels=4, norm="batch", **kwargs):
+    def __init__(self, num_classes, base_width=32, levels=4, norm="batch", deep_supervision=0,
+                 **kwargs):
         kwargs.setdefault("name", "unet_segmenter")
         super().__init__(**kwargs)
         self._set_cnn_args(num_classes, base_width, levels, norm)
+        ds = int(deep_supervision)
+        if not 0 <= ds <= self.levels - 2:
+            raise ConfigError("deep_supervision", f"must be in [0, {self.levels - 2}] for a U-Net "
+                              f"of {self.levels} levels (heads at strides 2..."
+                              f"{2 ** (self.levels - 2)}), got {deep_supervision}")
+        self.deep_supervision = ds
         self.divisor = 2 ** (self.levels - 1)
         self.unet = UNet3D(base_width=self.base_width, levels=self.levels, norm=norm, skips=True,
                            out_channels=self.num_classes, name="unet3d", dtype=self.dtype_policy)
+        self.ds_heads = [keras.layers.Conv3D(self.num_classes, 1, name=f"ds_head{k}",
+                                             dtype=self.dtype_policy) for k in range(1, ds + 1)]
 
     def _encoder_layers(self):
         return self.unet.encoder_layers
@@ -81,11 +95,23 @@ class UNetSegmenter(_Segmenter):
     def build(self, input_shape):
         _check_divisible(input_shape, self.divisor, self.name)
         self.unet.build(input_shape)
+        for k, head in enumerate(self.ds_heads, 1):
+            # the decoder output at stride 2**k has the channels of encoder stage k + 1
+            head.build((None,) * 4 + (self.unet.decoder_channels[-1 - k],))
         self._record_encoder()
         self.built = True
 
     def call(self, x, training=False):
         return self._logits(self.unet(x, training=training))
+
+    def deep_outputs(self, x, training=False):
+        """``[logits at stride 1, 2, 4, ...]``: the main head's (what ``call``
+        returns) then one per deep-supervision head, float32."""
+        if not self.built:
+            self.build(tuple(x.shape))
+        stages, out = self.unet.decode(self.unet.encode(x, training=training), training=training)
+        return [self._logits(out)] + [self._logits(head(stages[-1 - k]))
+                                      for k, head in enumerate(self.ds_heads, 1)]
 
     def transfer_parts(self, decoder=True):
         """``{"unet": UNet3D}``; with ``decoder=False`` only its encoder is
@@ -96,7 +122,8 @@ class UNetSegmenter(_Segmenter):
     def get_config(self):
         config = super().get_config()
         config.update(num_classes=self.num_classes, base_width=self.base_width,
-                      levels=self.levels, norm=self.norm_kind)
+                      levels=self.levels, norm=self.norm_kind,
+                      deep_supervision=self.deep_supervision)
         return config
 
 

@@ -196,6 +196,9 @@ def run_finetuning(config, log=None):
     else:
         kind = "unet" if config.segmenter == "auto" else config.segmenter
         args = dict(config.segmenter_args)
+    if args.get("deep_supervision") and kind != "unet":
+        raise ConfigError("deep_supervision", f"only the unet segmenter has deep-supervision "
+                          f"heads; this fine-tuning builds a {kind} segmenter")
     run = config.run_dir_of_this_worker()
     before = None if config.overwrite else run.state()
     if before is not None and before.get("method") == "finetune" and \

@@ -144,8 +144,7 @@ class MeanTeacherTask(SegmentationTask):
         weight = consistency_ramp(step, self.consistency_weight, self.rampup_steps)
         variables = self.segmenter.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.segmenter(image, training=True)
-            supervised = self.segmentation_loss(logits, label)
+            supervised, logits = self.supervised(image, label)
             consistency = self.consistency(unlabelled, step)
             loss = supervised + weight * consistency
             scaled = optim.replica_scaled(loss)

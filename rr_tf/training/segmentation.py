@@ -63,12 +63,29 @@ class SegmentationTask(DistributedFitMixin, keras.Model):
                                    dice_weight=dice_weight, reduce_sums=sum_over_replicas,
                                    replicas=num_replicas())
 
+    def supervised(self, image, label):
+        """(loss, main logits) of a labelled batch in training mode. With
+        deep supervision (a segmenter with ``deep_supervision = K > 0``) the
+        loss is ``sum_k w_k DiceCE(logits_k, label_k)`` over the main output
+        (k = 0) and the K heads at strides 2**k, ``label_k`` the label
+        subsampled by 2**k (nearest voxel, as nnU-Net downsamples
+        segmentations), ``w_k`` = :func:`deep_supervision_weights`."""
+        heads = getattr(self.segmenter, "deep_supervision", 0)
+        if not heads:
+            logits = self.segmenter(image, training=True)
+            return self.segmentation_loss(logits, label), logits
+        outputs = self.segmenter.deep_outputs(image, training=True)
+        loss = 0.0
+        for k, (w, out) in enumerate(zip(deep_supervision_weights(heads), outputs)):
+            s = 2 ** k
+            loss += w * self.segmentation_loss(out, label[:, ::s, ::s, ::s])
+        return loss, outputs[0]
+
     def train_step(self, batch):
         image, label = batch["image"], batch["label"]
         variables = self.segmenter.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.segmenter(image, training=True)
-            loss = self.segmentation_loss(logits, label)
+            loss, logits = self.supervised(image, label)
             scaled = optim.replica_scaled(loss)
         optim.backprop(self.optimizer, tape, scaled, variables)
         ce = self.segmentation_loss(logits, label, dice_weight=0.0)
@@ -95,6 +112,14 @@ class SegmentationTask(DistributedFitMixin, keras.Model):
         panels = [grey, tensorboard_overlay(img, lab, self.num_classes),
                   tensorboard_overlay(img, pred[:, :, :, z], self.num_classes)]
         return {"image_label_prediction": ops.concatenate(panels, axis=2)}
+
+
+def deep_supervision_weights(heads):
+    """Loss weights of the main output and ``heads`` deep-supervision
+    outputs at strides 1, 2, 4, ...: ``2**-k`` normalised to sum 1
+    (nnU-Net's halving per resolution; ``heads = 0``: ``[1.0]``)."""
+    w = [0.5 ** k for k in range(int(heads) + 1)]
+    return [v / sum(w) for v in w]
 
 
 def foreground_dice(logits, labels, num_classes):
