@@ -83,6 +83,22 @@ def test_train_step_updates_queue_fifo_and_ema():
     assert any(not np.array_equal(a, b) for a, b in zip(after, ema_before))
 
 
+def test_target_std_reports_collapsed_recovery_targets():
+    """The collapse monitor of the lambda_contrast=0 ablation: spread-out
+    targets score above 0; a target CNN that maps everything to the same
+    (zero) features scores 0."""
+    m = _method(dataclasses.replace(TINY, lambda_contrast=0.0))
+    logs = m.train_step(_batch())
+    healthy = float(logs["target_std"])
+    assert 0.0 < healthy <= 1.0
+    fresh = _method(dataclasses.replace(TINY, lambda_contrast=0.0))
+    for w in fresh.cnn_ema.target.weights:
+        if w.path.endswith("kernel"):
+            w.assign(np.zeros(w.shape, w.dtype))
+    fresh.cnn_ema.momentum = 1.0  # the EMA step keeps the collapsed target
+    assert float(fresh.train_step(_batch())["target_std"]) < 1e-6 < healthy
+
+
 def test_two_stage_trains_the_right_parts():
     cfg = dataclasses.replace(TINY, schedule="two_stage", stage1_steps=1)
     m = _method(cfg)

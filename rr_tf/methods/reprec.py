@@ -74,7 +74,8 @@ class RepRec(ContrastiveBranch, PretrainMethod):
     :class:`rr_tf.methods.contrastive.ContrastiveBranch`."""
 
     Config = Config
-    metric_names = ("loss", "loss_contrast", "loss_recover", "contrast_acc", "embedding_std")
+    metric_names = ("loss", "loss_contrast", "loss_recover", "contrast_acc", "embedding_std",
+                    "target_std")
     supports_micle = True
 
     def __init__(self, config, seed=0, **kwargs):
@@ -208,9 +209,13 @@ class RepRec(ContrastiveBranch, PretrainMethod):
             else:
                 l_con, logits, q, k = zero, None, None, None
             if stage in (0, 2):
-                l_rec = self.recovery_terms(v1, training=True, frozen_cnn=stage == 2)[0]
+                l_rec, _, target, _, _ = self.recovery_terms(v1, training=True,
+                                                             frozen_cnn=stage == 2)
+                # collapse monitor of the recovery targets (token features of every
+                # sample): nothing but the contrastive term keeps them apart
+                target_std = losses.embedding_std(ops.reshape(target, (-1, target.shape[-1])))
             else:
-                l_rec = zero
+                l_rec, target_std = zero, zero
             lam_c = cfg.lambda_contrast if stage != 2 else 0.0
             lam_r = cfg.lambda_rec if stage != 1 else 0.0
             total = lam_c * l_con + lam_r * l_rec
@@ -225,7 +230,7 @@ class RepRec(ContrastiveBranch, PretrainMethod):
         else:
             acc, spread = zero, zero
         return self.report(loss=total, loss_contrast=l_con, loss_recover=l_rec,
-                           contrast_acc=acc, embedding_std=spread)
+                           contrast_acc=acc, embedding_std=spread, target_std=target_std)
 
     # ------------------------------------------------------------ schedule
     def extra_callbacks(self):
