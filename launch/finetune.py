@@ -75,14 +75,15 @@ flags.DEFINE_float("tissue_shift_hu", 100.0, "Per-organ intensity augmentation: 
                    "labelled organ's voxels move by their own offset U(-x, x) HU, as organs "
                    "enhance differently between contrast phases (kidney 30 HU native, 165 "
                    "portal-venous); 0 = off.", lower_bound=0.0)
-flags.DEFINE_list("scale_range", ["0.9", "1.1"], "Spatial augmentation: the patch content is "
-                  "zoomed by a factor U(LOW, HIGH) (nnU-Net: 0.7,1.4).")
+flags.DEFINE_list("scale_range", ["0.85", "1.2"], "Spatial augmentation: the patch content is "
+                  "zoomed by a factor U(LOW, HIGH) (nnU-Net: 0.7,1.4; the default with "
+                  "--anisotropy and --elastic_voxels is the measured recipe, docs/results.md).")
 flags.DEFINE_float("rotation_degrees", 10.0, "Spatial augmentation: rotations up to +-x degrees "
                    "about each axis (nnU-Net: 30).", lower_bound=0.0, upper_bound=180.0)
-flags.DEFINE_float("anisotropy", 0.0, "Spatial augmentation: each axis is zoomed by a further "
+flags.DEFINE_float("anisotropy", 0.15, "Spatial augmentation: each axis is zoomed by a further "
                    "factor U(1 - x, 1 + x), for bodies and organs that differ in width and depth "
                    "independently.", lower_bound=0.0, upper_bound=0.49)
-flags.DEFINE_float("elastic_voxels", 0.0, "Spatial augmentation: a smooth random displacement "
+flags.DEFINE_float("elastic_voxels", 3.0, "Spatial augmentation: a smooth random displacement "
                    "(a 4x4x4 lattice interpolated over the patch) of up to x voxels; 0 = off.",
                    lower_bound=0.0, upper_bound=16.0)
 flags.DEFINE_enum("normalization", "stored", ["stored", "abdomen", "ct"], "Intensity "
