@@ -91,7 +91,9 @@ Smoke run (2026-12-03, 2 CPU cores shared with a fine-tuning): --pool_cases=4
   python launch/experiment.py --output_dir=runs/experiment_full --preset=full
   python launch/experiment.py --output_dir=runs/experiment_gpu --preset=gpu
 
-Resuming: every finished fine-tuning leaves its score in
+Resuming: fine-tunings run seed by seed (every arm and budget of seed 0,
+then seed 1, ...), so an experiment stopped part-way holds complete pairs.
+Every finished fine-tuning leaves its score in
 OUTPUT_DIR/scores/<arm>_n<budget>_s<seed>.json (Dice overall and per organ,
 no weights) and is never launched again; pre-training compute is kept in
 OUTPUT_DIR/scores/pretrain_<method>.json. Copying the scores folder to a
@@ -503,7 +505,9 @@ def run_experiment(out, s):
     so is any data preparation or pre-training only it would need (a
     control arm needs its method's pre-training run for the architecture)."""
     arms = arms_of(s)
-    grid = [(a, b, seed) for a in arms for b in s["num_labeled"] for seed in range(s["seeds"])]
+    # seed-major: each seed's arms finish together, so an experiment stopped part-way
+    # (and resumed in another sitting) already holds complete pairs
+    grid = [(a, b, seed) for seed in range(s["seeds"]) for b in s["num_labeled"] for a in arms]
     todo = [g for g in grid if not os.path.exists(score_path(out, *g))]
     for g in grid:
         if g not in todo:

@@ -258,3 +258,16 @@ def test_control_arm_fine_tunes_the_method_architecture_without_its_weights(tmp_
     assert res["arms"] == ["scratch", "reprec", "moco", "reprec-random"]
     md = report.report_markdown(res)
     assert "| reprec | +0.183 [" in md and "Δ vs own architecture" in md
+
+
+def test_fine_tunings_run_seed_by_seed_so_a_stopped_experiment_holds_pairs(tmp_path, monkeypatch):
+    s = _settings(num_labeled=[1, 4], seeds=2)
+    calls = []
+    monkeypatch.setattr(experiment, "run", _fake_launcher(calls, "unet", lambda seed: 0.3))
+    monkeypatch.setattr(experiment, "prepare_data", lambda out, s: ("POOL", "LAB", "TEST"))
+    monkeypatch.setattr(experiment, "pretrain", lambda *a: None)
+    experiment.run_experiment(str(tmp_path), s)
+    order = [os.path.basename(next(a.split("=", 1)[1] for a in c if a.startswith("--run_dir=")))
+             for c in calls if c[1] == "launch/finetune.py"]
+    assert order == ["scratch_n1_s0", "reprec_n1_s0", "scratch_n4_s0", "reprec_n4_s0",
+                     "scratch_n1_s1", "reprec_n1_s1", "scratch_n4_s1", "reprec_n4_s1"]
