@@ -5,6 +5,7 @@ or 3D Slicer.
   python launch/infer.py --model=runs/ft_demo --input=scan.nii.gz --output=scan_seg.nii.gz
   python launch/infer.py --model=runs/ft_demo/export --input=scans/ --output=segs/
   python launch/infer.py --model=... --input=dicom_series_folder/ --output=seg.nii.gz
+  python launch/infer.py --model=runs/ft_a,runs/ft_b --input=scans/ --output=segs/   # ensemble
 
 --input: a NIfTI file, a folder of NIfTI files, or a DICOM series folder.
 --output: a file for one input, a folder for several (``<case>.nii.gz``;
@@ -24,7 +25,9 @@ from launch import flagutil  # noqa: E402
 flagutil.quiet_tensorflow(__name__)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A fine-tuning run directory or its export/ directory.")
+flags.DEFINE_list("model", None, "A fine-tuning run directory or its export/ directory; "
+                  "several, comma-separated, are ensembled (the mean of their class "
+                  "probabilities on each scan's grid, as nnU-Net ensembles its folds).")
 flags.DEFINE_string("input", None, "NIfTI file, folder of NIfTI files, or DICOM series folder.")
 flags.DEFINE_string("output", None, "Output NIfTI file (one input) or folder (several).")
 flags.DEFINE_float("overlap", None, "Sliding-window overlap in [0, 0.95] (default: the one the "
@@ -35,8 +38,9 @@ flags.DEFINE_boolean("save_probabilities", False, "Also write the class probabil
                      "(4D float32 NIfTI on the input grid).")
 flags.DEFINE_string("largest_component", "auto", "Keep only the largest connected component "
                     "of these classes: 'auto' = the classes for which it raised the validation "
-                    "Dice at fine-tuning (the model's segmenter.json), 'none', 'all', or label "
-                    "values such as 1,2,5.")
+                    "Dice at fine-tuning (the model's segmenter.json; for an ensemble the classes "
+                    "at least half of its models chose), 'none', 'all', or label values such as "
+                    "1,2,5.")
 flags.register_validator(
     "largest_component",
     lambda v: v in ("auto", "none", "all") or all(p.strip().isdigit() for p in v.split(",")),
@@ -79,7 +83,7 @@ def main(argv):
 
     from rr_tf.data import nifti
     from rr_tf.errors import RrTfError
-    from rr_tf.predict import SegmentationModel
+    from rr_tf.predict import SegmentationEnsemble
 
     flagutil.guard_memory(__file__, "lower --window_batch, or segment a smaller or coarser scan")
     try:
@@ -87,7 +91,9 @@ def main(argv):
         many = len(cases) > 1
         if many and FLAGS.output.lower().endswith(nifti.NIFTI_SUFFIXES):
             raise ValueError(f"--output={FLAGS.output}: {len(cases)} inputs need an output folder")
-        model = SegmentationModel.load(FLAGS.model)
+        if not FLAGS.model or any(not p.strip() for p in FLAGS.model):
+            raise ValueError(f"--model={','.join(FLAGS.model or [])}: an empty model path")
+        model = SegmentationEnsemble.load([p.strip() for p in FLAGS.model])
     except (RrTfError, ValueError) as err:
         flagutil.fail(__file__, str(err))
     choice = FLAGS.largest_component
@@ -96,11 +102,11 @@ def main(argv):
     elif choice == "none":
         components = []
     elif choice == "all":
-        components = list(range(1, int(model.model.num_classes)))
+        components = list(range(1, model.num_classes))
     else:
         components = [int(p) for p in choice.split(",")]
-    print(f"model {model.source}: window {model.window}, spec {model.spec.describe()}; "
-          f"largest component kept for classes {components or 'none'}", file=sys.stderr)
+    print(f"model {model.describe()}; largest component kept for classes "
+          f"{components or 'none'}", file=sys.stderr)
     failed = 0
     for name, load in cases:
         if many or not FLAGS.output.lower().endswith(nifti.NIFTI_SUFFIXES):

@@ -2,6 +2,7 @@
 
     model = SegmentationModel.load("runs/ft_reprec")      # run dir or export dir
     labels, probs = model.segment(volume)                  # rr_tf.data.volume.Volume
+    ens = SegmentationEnsemble.load(["runs/ft_a", "runs/ft_b"])  # mean of their probabilities
 
 The scan goes through the *same* preprocessing spec as the training data
 (canonical RAS orientation, optional body crop, resampling to the training
@@ -76,6 +77,18 @@ class SegmentationModel:
         """Stored int16 HU (spec grid) -> float32 network input."""
         return np.asarray(self.spec.scale(stored.astype(np.float32)), np.float32)
 
+    def network_probabilities(self, image, case_id="case", overlap=None, window_batch=2,
+                              tta=False, progress=None):
+        """``(case, probs)``: the scan preprocessed by this model's spec and the
+        sliding-window class probabilities [D, H, W, C] on that (stored) grid."""
+        case = preprocess_case(case_id, image, None, self.spec)
+        probs = sliding_window_inference(
+            self.to_unit(case.image), self._predict, self.window,
+            overlap=self.overlap if overlap is None else overlap, window_batch=window_batch,
+            tta=tta, pad_value=float(self.to_unit(np.array([-1000], np.int16))[0]),
+            progress=progress)
+        return case, probs
+
     def segment(self, image, case_id="case", overlap=None, window_batch=2, tta=False,
                 probabilities=False, progress=None, largest_component=None):
         """Label map (uint8, on ``image``'s grid) and, if asked, class
@@ -83,33 +96,115 @@ class SegmentationModel:
         postprocessed). ``largest_component``: classes reduced to their
         largest connected component (None = the ones chosen on validation
         at fine-tuning, ``self.largest_component``)."""
-        case = preprocess_case(case_id, image, None, self.spec)
-        probs = sliding_window_inference(
-            self.to_unit(case.image), self._predict, self.window,
-            overlap=self.overlap if overlap is None else overlap, window_batch=window_batch,
-            tta=tta, pad_value=float(self.to_unit(np.array([-1000], np.int16))[0]),
-            progress=progress)
-        original = case.meta["original"]
-        restore = lambda a, order, cval: restore_original_grid(  # noqa: E731
-            a, case.affine, original["affine"], original["shape"], order=order, cval=cval)
-        resampled = exact_grid_map(case.affine, original["affine"]) is None
-        chans = [restore(probs[..., c], 1, 1.0 if c == 0 else 0.0).astype(np.float32)
-                 for c in range(probs.shape[-1])] if probabilities else None
-        if not resampled:  # exact grid map: the label map moves as it is
-            out = restore(np.argmax(probs, axis=-1).astype(np.uint8), 0, 0)
-        else:  # argmax of the resampled probabilities, one class at a time
-            out = best = None
-            for c in range(probs.shape[-1]):
-                p = chans[c] if chans else restore(probs[..., c], 1, 1.0 if c == 0 else 0.0)
-                if out is None:
-                    out, best = np.zeros(p.shape, np.uint8), np.array(p, np.float32)
-                else:
-                    better = p > best
-                    out[better], best[better] = c, p[better]
-        full = np.stack(chans, axis=-1) if probabilities else None
+        case, probs = self.network_probabilities(image, case_id, overlap, window_batch, tta,
+                                                 progress)
+        restore = _restorer(case)
+        resampled = exact_grid_map(case.affine, case.meta["original"]["affine"]) is None
+        if not resampled and not probabilities:  # exact grid map: the label map moves as it is
+            out, full = restore(np.argmax(probs, axis=-1).astype(np.uint8), 0, 0), None
+        else:
+            out, full = _argmax_of_restored([(restore, probs)], probs.shape[-1], probabilities)
         classes = self.largest_component if largest_component is None else largest_component
-        if classes:
-            from rr_tf.postprocess import keep_largest_component
+        return _keep_largest(out, classes), full
 
-            out = keep_largest_component(out, classes)
-        return out, full
+
+def _restorer(case):
+    """``restore(array, order, cval)``: stored grid of ``case`` -> its original grid."""
+    original = case.meta["original"]
+    return lambda a, order, cval: restore_original_grid(
+        a, case.affine, original["affine"], original["shape"], order=order, cval=cval)
+
+
+def _argmax_of_restored(parts, num_classes, probabilities):
+    """Label map (and, if asked, the probabilities) on the original grid from
+    ``parts = [(restore, probs on its stored grid)]``: each class is
+    interpolated linearly onto the original grid, averaged over the parts,
+    and the label is the argmax there, one class at a time (memory: two
+    original-sized arrays plus the kept probabilities). Outside a stored
+    grid a part counts as background."""
+    out = best = None
+    chans = []
+    for c in range(num_classes):
+        p = None
+        for restore, probs in parts:
+            q = restore(probs[..., c], 1, 1.0 if c == 0 else 0.0).astype(np.float32)
+            p = q if p is None else p + q
+        if len(parts) > 1:
+            p /= len(parts)
+        if probabilities:
+            chans.append(p)
+        if out is None:
+            out, best = np.zeros(p.shape, np.uint8), np.array(p, np.float32)
+        else:
+            better = p > best
+            out[better], best[better] = c, p[better]
+    return out, (np.stack(chans, axis=-1) if probabilities else None)
+
+
+def _keep_largest(labels, classes):
+    if not classes:
+        return labels
+    from rr_tf.postprocess import keep_largest_component
+
+    return keep_largest_component(labels, classes)
+
+
+class SegmentationEnsemble:
+    """Several fine-tuned segmenters of the same classes, averaged as nnU-Net
+    ensembles its folds and configurations: each model segments the scan
+    through its own spec (spacing, window, crop) and sliding window, its
+    class probabilities are interpolated onto the scan's grid, and the label
+    is the argmax of their mean.
+
+        ens = SegmentationEnsemble.load(["runs/ft_a", "runs/ft_b"])
+        labels, probs = ens.segment(volume)
+
+    The largest-component postprocessing keeps, by default, the classes
+    that at least half of the models chose on their validation cases.
+    """
+
+    def __init__(self, models):
+        self.models = list(models)
+        if not self.models:
+            raise ConfigError("model", "an ensemble needs at least one model")
+        first = self.models[0]
+        for m in self.models[1:]:
+            if int(m.model.num_classes) != int(first.model.num_classes):
+                raise ConfigError("model", f"{m.source}: {int(m.model.num_classes)} classes, but "
+                                  f"{first.source} has {int(first.model.num_classes)}; an ensemble "
+                                  "averages models of the same classes")
+            if m.label_names and first.label_names and m.label_names != first.label_names:
+                raise ConfigError("model", f"{m.source}: label names {m.label_names} differ from "
+                                  f"{first.source}'s {first.label_names}")
+        self.num_classes = int(first.model.num_classes)
+        self.label_names = next((m.label_names for m in self.models if m.label_names), {})
+        votes = {}
+        for m in self.models:
+            for c in m.largest_component:
+                votes[c] = votes.get(c, 0) + 1
+        self.largest_component = sorted(c for c, n in votes.items() if 2 * n >= len(self.models))
+        self.source = ", ".join(m.source for m in self.models)
+
+    @classmethod
+    def load(cls, paths):
+        return cls([SegmentationModel.load(p) for p in paths])
+
+    def describe(self):
+        return "; ".join(f"{m.source}: window {m.window}, spec {m.spec.describe()}"
+                         for m in self.models)
+
+    def segment(self, image, case_id="case", overlap=None, window_batch=2, tta=False,
+                probabilities=False, progress=None, largest_component=None):
+        """As :meth:`SegmentationModel.segment`, over the mean of the models'
+        probabilities on ``image``'s grid."""
+        if len(self.models) == 1:
+            return self.models[0].segment(image, case_id, overlap, window_batch, tta,
+                                          probabilities, progress, largest_component)
+        parts = []
+        for m in self.models:
+            case, probs = m.network_probabilities(image, case_id, overlap, window_batch, tta,
+                                                  progress)
+            parts.append((_restorer(case), probs))
+        out, full = _argmax_of_restored(parts, self.num_classes, probabilities)
+        classes = self.largest_component if largest_component is None else largest_component
+        return _keep_largest(out, classes), full

@@ -19,7 +19,7 @@ from rr_tf.data.volume import Volume
 from rr_tf.errors import ConfigError, SpecMismatchError
 from rr_tf.models.segmenters import UNetSegmenter
 from rr_tf.models.unet3d import UNet3D
-from rr_tf.predict import SegmentationModel
+from rr_tf.predict import SegmentationEnsemble, SegmentationModel
 from rr_tf.data.records import read_manifest
 from rr_tf.training.finetune import (FinetuneConfig, choose_labeled, load_pretrained,
                                      parse_budget, run_finetuning, validation_cases)
@@ -137,6 +137,62 @@ def test_labels_come_back_on_the_input_grid(variant):
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
 
 
+def _anisotropic_scan():
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    affine[:3, 3] = (-30, 20, 5)
+    return Volume(_scan(), affine, "t")
+
+
+def test_an_ensemble_labels_the_argmax_of_the_mean_probabilities_of_its_models():
+    """Two models with their own specs (native grid and 2 mm) and thresholds: the
+    ensemble's probabilities are the mean of each model's on the scan's grid, its
+    label their argmax, and it differs from both members where they disagree."""
+    scan = _anisotropic_scan()
+    a = SegmentationModel(_threshold_model(0.52), PreprocessSpec(), (16, 16, 16), source="a")
+    b = SegmentationModel(_threshold_model(0.58), PreprocessSpec(spacing=(2.0, 2.0, 2.0)),
+                          (16, 16, 16), source="b")
+    la, pa = a.segment(scan, probabilities=True, largest_component=[])
+    lb, pb = b.segment(scan, probabilities=True, largest_component=[])
+    labels, probs = SegmentationEnsemble([a, b]).segment(scan, probabilities=True,
+                                                          largest_component=[])
+    assert labels.shape == scan.shape and labels.dtype == np.uint8
+    mean = (pa + pb) / 2
+    np.testing.assert_allclose(probs, mean, atol=1e-6)
+    clear = np.abs(mean[..., 1] - mean[..., 0]) > 1e-6
+    np.testing.assert_array_equal(labels[clear], np.argmax(mean, axis=-1)[clear])
+    assert (labels != la).any() and (labels != lb).any()  # not just one of the members
+
+
+def test_an_ensemble_of_one_model_twice_segments_as_the_model():
+    scan = _anisotropic_scan()
+    for spec in (PreprocessSpec(), PreprocessSpec(spacing=(2.0, 2.0, 2.0))):
+        model = SegmentationModel(_threshold_model(), spec, (16, 16, 16), largest_component=[1])
+        alone, _ = model.segment(scan)
+        twice, _ = SegmentationEnsemble([model, model]).segment(scan)
+        np.testing.assert_array_equal(twice, alone)
+
+
+def test_an_ensemble_refuses_other_classes_and_votes_the_largest_component_classes():
+    spec, w = PreprocessSpec(), (16, 16, 16)
+    two = SegmentationModel(_threshold_model(), spec, w, source="two")
+    x = keras.Input((None, None, None, 1))
+    three_net = keras.Model(x, keras.layers.Concatenate()([x, x, x]))
+    three_net.num_classes = 3
+    with pytest.raises(ConfigError, match="three: 3 classes, but two has 2"):
+        SegmentationEnsemble([two, SegmentationModel(three_net, spec, w, source="three")])
+    named = SegmentationModel(_threshold_model(), spec, w, source="n",
+                              label_names={1: "liver"})
+    other = SegmentationModel(_threshold_model(), spec, w, source="o",
+                              label_names={1: "spleen"})
+    with pytest.raises(ConfigError, match="label names"):
+        SegmentationEnsemble([named, other])
+    assert SegmentationEnsemble([named, two]).label_names == {1: "liver"}
+    votes = [SegmentationModel(_threshold_model(), spec, w, largest_component=c)
+             for c in ([1, 3], [1], [3, 4])]
+    assert SegmentationEnsemble(votes).largest_component == [1, 3]  # 2 of 3 models each
+    assert SegmentationEnsemble(votes[:2]).largest_component == [1, 3]  # half of 2 is enough
+
+
 # ------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -183,6 +239,13 @@ def test_finetune_resume_export_and_infer(shards, tmp_path):
     # the Python API gives the same map
     direct, _ = SegmentationModel.load(str(run)).segment(nifti.read_nifti(str(src)))
     np.testing.assert_array_equal(seg.array, direct)
+    # an ensemble of the run with itself (its export dir) through the command line: the same map
+    ens = tmp_path / "ens.nii.gz"
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
+                      f"--model={run},{run / 'export'}", f"--input={src}", f"--output={ens}"],
+                     env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    np.testing.assert_array_equal(nifti.read_nifti(str(ens), kind="label").array, direct)
     # resampled grid: the label is the argmax of the linearly resampled probabilities
     plain, probs = SegmentationModel.load(str(run)).segment(
         nifti.read_nifti(str(src)), probabilities=True, largest_component=[])
