@@ -309,6 +309,11 @@ def test_infer_cli_errors(tmp_path):
                           f"--output={tmp_path / 'o.nii.gz'}"], env=ENV, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "segmenter.keras missing" in res.stderr
+    res = run_logged([sys.executable, os.path.join(ROOT, "launch", "infer.py"),
+                      f"--model={tmp_path},", f"--input={tmp_path / 'x.nii.gz'}",
+                      f"--output={tmp_path / 'o.nii.gz'}"], env=ENV, capture_output=True,
+                     text=True, timeout=120)
+    assert res.returncode == 2 and "an empty model path" in res.stderr
 
 
 def test_validation_cases_limit(tmp_path):
