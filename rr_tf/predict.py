@@ -77,17 +77,15 @@ class SegmentationModel:
         """Stored int16 HU (spec grid) -> float32 network input."""
         return np.asarray(self.spec.scale(stored.astype(np.float32)), np.float32)
 
-    def network_probabilities(self, image, case_id="case", overlap=None, window_batch=2,
-                              tta=False, progress=None):
-        """``(case, probs)``: the scan preprocessed by this model's spec and the
-        sliding-window class probabilities [D, H, W, C] on that (stored) grid."""
-        case = preprocess_case(case_id, image, None, self.spec)
-        probs = sliding_window_inference(
+    def network_probabilities(self, case, overlap=None, window_batch=2, tta=False,
+                              progress=None):
+        """Sliding-window class probabilities [D, H, W, C] on the stored grid of
+        ``case`` (a scan preprocessed by this model's spec)."""
+        return sliding_window_inference(
             self.to_unit(case.image), self._predict, self.window,
             overlap=self.overlap if overlap is None else overlap, window_batch=window_batch,
             tta=tta, pad_value=float(self.to_unit(np.array([-1000], np.int16))[0]),
             progress=progress)
-        return case, probs
 
     def segment(self, image, case_id="case", overlap=None, window_batch=2, tta=False,
                 probabilities=False, progress=None, largest_component=None):
@@ -96,14 +94,14 @@ class SegmentationModel:
         postprocessed). ``largest_component``: classes reduced to their
         largest connected component (None = the ones chosen on validation
         at fine-tuning, ``self.largest_component``)."""
-        case, probs = self.network_probabilities(image, case_id, overlap, window_batch, tta,
-                                                 progress)
+        case = preprocess_case(case_id, image, None, self.spec)
+        probs = self.network_probabilities(case, overlap, window_batch, tta, progress)
         restore = _restorer(case)
         resampled = exact_grid_map(case.affine, case.meta["original"]["affine"]) is None
         if not resampled and not probabilities:  # exact grid map: the label map moves as it is
             out, full = restore(np.argmax(probs, axis=-1).astype(np.uint8), 0, 0), None
         else:
-            out, full = _argmax_of_restored([(restore, probs)], probs.shape[-1], probabilities)
+            out, full = _argmax_of_restored([(restore, probs, 1)], probs.shape[-1], probabilities)
         classes = self.largest_component if largest_component is None else largest_component
         return _keep_largest(out, classes), full
 
@@ -117,20 +115,21 @@ def _restorer(case):
 
 def _argmax_of_restored(parts, num_classes, probabilities):
     """Label map (and, if asked, the probabilities) on the original grid from
-    ``parts = [(restore, probs on its stored grid)]``: each class is
-    interpolated linearly onto the original grid, averaged over the parts,
-    and the label is the argmax there, one class at a time (memory: two
-    original-sized arrays plus the kept probabilities). Outside a stored
-    grid a part counts as background."""
+    ``parts = [(restore, probs on its stored grid, weight)]``: each class is
+    interpolated linearly onto the original grid, averaged over the parts
+    with their weights (the number of models behind each), and the label is
+    the argmax there, one class at a time (memory: two original-sized arrays
+    plus the kept probabilities). Outside a stored grid a part counts as
+    background."""
     out = best = None
     chans = []
+    total = float(sum(w for _, _, w in parts))
     for c in range(num_classes):
         p = None
-        for restore, probs in parts:
+        for restore, probs, w in parts:
             q = restore(probs[..., c], 1, 1.0 if c == 0 else 0.0).astype(np.float32)
+            q = q if w == total else q * np.float32(w / total)
             p = q if p is None else p + q
-        if len(parts) > 1:
-            p /= len(parts)
         if probabilities:
             chans.append(p)
         if out is None:
@@ -200,11 +199,18 @@ class SegmentationEnsemble:
         if len(self.models) == 1:
             return self.models[0].segment(image, case_id, overlap, window_batch, tta,
                                           probabilities, progress, largest_component)
-        parts = []
+        # models of one spec share the preprocessing and are averaged on its grid,
+        # so each spec's case is built and restored to the scan's grid once
+        groups = {}
         for m in self.models:
-            case, probs = m.network_probabilities(image, case_id, overlap, window_batch, tta,
-                                                  progress)
-            parts.append((_restorer(case), probs))
+            key = m.spec.hash
+            if key not in groups:
+                groups[key] = [preprocess_case(case_id, image, None, m.spec), 0.0, 0]
+            group = groups[key]
+            group[1] = group[1] + m.network_probabilities(group[0], overlap, window_batch, tta,
+                                                          progress)
+            group[2] += 1
+        parts = [(_restorer(case), total / n, n) for case, total, n in groups.values()]
         out, full = _argmax_of_restored(parts, self.num_classes, probabilities)
         classes = self.largest_component if largest_component is None else largest_component
         return _keep_largest(out, classes), full
